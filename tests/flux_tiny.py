@@ -1,0 +1,75 @@
+"""A scaled-down FLUX built through ComfyUI's own classes, and CLEAR weight
+files with the published key names at that size. Needs ComfyUI importable
+(use the ``comfyui`` fixture first)."""
+
+import torch
+
+TINY = dict(hidden=256, heads=2, depth=2, depth_single=2)
+
+
+def tiny_unet_config(hidden=256, heads=2, depth=2, depth_single=2, guidance_embed=True, in_channels=16):
+    head_dim = hidden // heads
+    axes = [head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8]  # 128 -> [32, 48, 48]
+    return {
+        "image_model": "flux", "in_channels": in_channels, "out_channels": 16, "vec_in_dim": 32,
+        "context_in_dim": 64, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads,
+        "depth": depth, "depth_single_blocks": depth_single, "axes_dim": axes, "theta": 10000,
+        "patch_size": 2, "qkv_bias": True, "guidance_embed": guidance_embed,
+    }
+
+
+def make_tiny_flux(dtype=torch.float32, seed=0, **config):
+    """ModelPatcher around a tiny ComfyUI Flux with weights of std 1/sqrt(fan_in),
+    so attention matters in the output. ``config`` goes to tiny_unet_config."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = tiny_unet_config(**config)
+    model_config = comfy.supported_models.Flux(unet_config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() > 1:
+                value = noise / p.shape[1] ** 0.5
+            elif name.endswith(".scale"):  # RMSNorm gains: near 1 so q.k stays O(1)
+                value = 1.0 + 0.1 * noise
+            else:  # biases
+                value = 0.1 * noise
+            p.copy_(value.to(p.dtype))
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def clear_state_dict(hidden=256, depth=2, depth_single=2, down_factor=1, seed=1, dtype=torch.bfloat16):
+    """Random CLEAR weights with the published (diffusers) key names."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(shape, generator=gen) / shape[-1] ** 0.5).to(dtype)
+
+    sd = {}
+    blocks = [f"transformer_blocks.{i}" for i in range(depth)]
+    blocks += [f"single_transformer_blocks.{i}" for i in range(depth_single)]
+    for b in blocks:
+        names = ["to_q", "to_k", "to_v"] + (["to_out.0"] if b.startswith("transformer_blocks") else [])
+        for n in names:
+            sd[f"{b}.attn.{n}.weight"] = rnd(hidden, hidden)
+            sd[f"{b}.attn.{n}.bias"] = rnd(hidden)
+        if down_factor > 1:
+            d = down_factor
+            w = torch.full((d, d), 1.0 / (d * d)) + 0.05 * torch.randn((d, d), generator=gen)
+            sd[f"{b}.attn.processor.spatial_weight"] = w.reshape(1, 1, 1, d, 1, d, 1).to(torch.float32)
+    return sd
+
+
+def write_clear_file(path, down_factor=1, seed=1, dtype=torch.bfloat16, **dims):
+    """Write a CLEAR safetensors file; ``dims`` as clear_state_dict (hidden, depth, depth_single)."""
+    from safetensors.torch import save_file
+
+    sd = clear_state_dict(down_factor=down_factor, seed=seed, dtype=dtype, **dims)
+    save_file(sd, str(path))
+    return sd
