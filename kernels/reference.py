@@ -25,12 +25,12 @@ def pooled_grid(grid, down_factor):
     return -(-h // down_factor), -(-w // down_factor)
 
 
-def spatial_weight_matrix(spatial_weight, down_factor, device):
-    """The d x d pooling weights as a float32 matrix; None means mean pooling."""
+def spatial_weight_matrix(spatial_weight, down_factor, device, dtype=torch.float32):
+    """The d x d pooling weights as a matrix; None means mean pooling."""
     d = down_factor
     if spatial_weight is None:
-        return torch.full((d, d), 1.0 / (d * d), dtype=torch.float32, device=device)
-    return spatial_weight.detach().reshape(d, d).to(device=device, dtype=torch.float32)
+        return torch.full((d, d), 1.0 / (d * d), dtype=dtype, device=device)
+    return spatial_weight.detach().reshape(d, d).to(device=device, dtype=dtype)
 
 
 def pool_image_tokens(x_img, grid, down_factor, spatial_weight=None):
@@ -48,7 +48,7 @@ def pool_image_tokens(x_img, grid, down_factor, spatial_weight=None):
     B, H, N, D = x_img.shape
     hp, wp = pooled_grid(grid, d)
     dtype = torch.float64 if x_img.dtype == torch.float64 else torch.float32
-    weights = spatial_weight_matrix(spatial_weight, d, x_img.device).to(dtype)
+    weights = spatial_weight_matrix(spatial_weight, d, x_img.device, dtype)
     rows = torch.arange(hp * d, device=x_img.device).clamp_(max=h - 1)
     cols = torch.arange(wp * d, device=x_img.device).clamp_(max=w - 1)
     x = x_img.reshape(B, H, h, w, D)[:, :, rows][:, :, :, cols]

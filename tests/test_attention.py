@@ -1,0 +1,203 @@
+"""The exact torch path of clear_attention against the dense float64 oracle,
+the argument checks, and the memory bound (no L x L tensor)."""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from comfyui_clear.kernels import clear_attention, pool_image_tokens, reference
+from oracle import clear_oracle, rel_err
+
+# (batch, heads, head_dim, text_len, h, w, window, down_factor)
+SHAPES = [
+    (1, 2, 16, 5, 6, 6, 3, 1),
+    (2, 1, 8, 3, 5, 7, 2, 1),    # batch > 1, non-square
+    (1, 2, 16, 0, 4, 9, 3, 1),   # no text
+    (1, 1, 8, 4, 1, 9, 2, 1),    # single row
+    (1, 1, 8, 4, 9, 1, 2, 1),    # single column
+    (1, 2, 8, 2, 5, 5, 1, 1),    # r = 1: only itself
+    (1, 1, 8, 3, 4, 6, 20, 1),   # r larger than the grid: full attention
+    (1, 2, 16, 6, 18, 21, 5, 1), # several tiles, ragged last tile
+    (2, 2, 8, 3, 8, 8, 3, 2),    # pooled keys, divisible
+    (1, 2, 8, 5, 8, 12, 3, 4),   # d = 4, divisible
+    (1, 1, 16, 2, 7, 5, 2, 2),   # d = 2, not divisible: edge padding
+    (1, 2, 8, 0, 9, 10, 3, 4),   # d = 4, not divisible, no text
+]
+
+
+def _inputs(B, H, D, L, dtype=torch.float64, seed=None):
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    return [torch.randn(B, H, L, D, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("B,H,D,T,h,w,r,d", SHAPES)
+def test_torch_path_matches_oracle(B, H, D, T, h, w, r, d):
+    q, k, v = _inputs(B, H, D, T + h * w)
+    sw = None
+    if d > 1:
+        sw = torch.rand(1, 1, 1, d, 1, d, 1, dtype=torch.float64) / (d * d) * 2  # a learned-looking weight
+    out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=d, spatial_weight=sw,
+                          backend="torch")
+    ref = clear_oracle(q, k, v, T, (h, w), r, d, sw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, ref) < 1e-12
+
+
+def test_small_tiles_and_chunks_change_nothing(monkeypatch):
+    """Tiny tiles and chunk budgets exercise the tiling/chunking code paths."""
+    B, H, D, T, h, w, r, d = 2, 3, 8, 7, 11, 13, 4, 2
+    q, k, v = _inputs(B, H, D, T + h * w)
+    sw = torch.randn(d, d, dtype=torch.float64)
+    ref = clear_oracle(q, k, v, T, (h, w), r, d, sw)
+    monkeypatch.setattr(reference, "TILE", 3)
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 500)  # forces head- and tile-chunking
+    out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=d, spatial_weight=sw,
+                          backend="torch")
+    assert rel_err(out, ref) < 1e-12
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+def test_torch_path_low_precision(dtype, tol):
+    B, H, D, T, h, w, r = 1, 2, 32, 9, 10, 7, 4
+    q, k, v = _inputs(B, H, D, T + h * w, dtype=dtype)
+    out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, backend="torch")
+    assert out.dtype == dtype
+    assert rel_err(out, clear_oracle(q, k, v, T, (h, w), r)) < tol
+
+
+def test_explicit_scale_and_noncontiguous_inputs():
+    B, H, D, T, h, w, r = 1, 2, 16, 4, 6, 5, 3
+    L = T + h * w
+    _, k, v = _inputs(B, H, D, L)
+    q = torch.randn(B, L, H, D, dtype=torch.float64).transpose(1, 2)  # non-contiguous view
+    assert not q.is_contiguous()
+    out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, scale=0.37, backend="torch")
+    assert rel_err(out, clear_oracle(q, k, v, T, (h, w), r, scale=0.37)) < 1e-12
+
+
+def test_mask_is_a_disc_strictly_less_than_r():
+    """A key at distance exactly r must not be seen; one just inside must."""
+    D, h, w, r = 4, 9, 9, 3
+    q = torch.zeros(1, 1, h * w, D, dtype=torch.float64)
+    k = torch.zeros_like(q)
+    v = torch.zeros_like(q)
+    centre = 4 * w + 4
+    v[0, 0, centre + 3] = 1000.0       # (4, 7): distance exactly 3 -> outside
+    v[0, 0, centre + 2 * w + 2, 1] = 1000.0  # (6, 6): distance^2 = 8 < 9 -> inside
+    out = clear_attention(q, k, v, text_len=0, grid=(h, w), window=r, backend="torch")
+    assert out[0, 0, centre, 0] == 0.0
+    assert out[0, 0, centre, 1] > 0.0
+
+
+def test_pooling_edge_padding_and_weight_layout():
+    """Pooled token (i, j) uses weight[i, j] on block row offset i, column offset j;
+    a partial block repeats the grid's last row/column."""
+    h, w, d = 3, 5, 2
+    x = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h * w, 1)
+    weight = torch.tensor([[1.0, 10.0], [100.0, 1000.0]], dtype=torch.float64)
+    pooled = pool_image_tokens(x, (h, w), d, weight.reshape(1, 1, 1, d, 1, d, 1))
+    assert pooled.shape == (1, 1, 2 * 3, 1)
+    grid = x.reshape(h, w)
+    # block (0, 0): rows 0-1, cols 0-1
+    assert pooled[0, 0, 0, 0] == grid[0, 0] + 10 * grid[0, 1] + 100 * grid[1, 0] + 1000 * grid[1, 1]
+    # block (1, 2): rows 2, 2(repeat), cols 4, 4(repeat)
+    assert pooled[0, 0, 5, 0] == 1111 * grid[2, 4]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(text_len=3), "text_len \\+ h\\*w"),
+    (dict(text_len=-1), "text_len"),
+    (dict(grid=(0, 4)), "grid"),
+    (dict(grid=(2,)), "grid"),
+    (dict(window=0), "window"),
+    (dict(window=2.5), "window"),
+    (dict(down_factor=0), "down_factor"),
+    (dict(down_factor=2, spatial_weight=torch.ones(3, 3)), "spatial_weight"),
+    (dict(spatial_weight=torch.ones(2, 2)), "spatial_weight"),
+    (dict(scale=-1.0), "scale"),
+    (dict(backend="cuda"), "backend"),
+])
+def test_bad_arguments_raise_one_clear_error(kwargs, match):
+    q, k, v = _inputs(1, 2, 8, 2 + 4 * 4)
+    args = dict(text_len=2, grid=(4, 4), window=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        clear_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda q: q[0], "shape"),
+    (lambda q: q.to(torch.int32), "dtype"),
+    (lambda q: q.to(torch.float32), "one dtype"),
+    (lambda q: q[:, :1], "one shape"),
+])
+def test_bad_tensors_raise(bad, match):
+    q, k, v = _inputs(1, 2, 8, 2 + 4 * 4)
+    with pytest.raises(ValueError, match=match):
+        clear_attention(bad(q), k, v, text_len=2, grid=(4, 4), window=2)
+
+
+def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = _inputs(1, 1, 16, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="backend='triton' cannot run here"):
+        clear_attention(q, k, v, text_len=0, grid=(2, 2), window=2, backend="triton")
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("d", [1, 4])
+def test_torch_path_never_builds_an_LxL_tensor(monkeypatch, d):
+    """With the chunk budget lowered, no intermediate reaches L*L elements (a dense
+    implementation's score matrix is B*H*L*L); the biggest is bounded by the
+    budget plus the per-tile gather, i.e. O(L * (r^2 + T + P)) in total."""
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 1 << 16)
+    B, H, D, T, h, w, r = 1, 2, 16, 16, 48, 48, 4
+    L = T + h * w
+    q, k, v = _inputs(B, H, D, L, dtype=torch.float32, seed=0)
+    with _LargestTensor() as mode:
+        out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=d, backend="torch")
+    assert torch.isfinite(out).all()
+    assert mode.largest < L * L / 8, (mode.largest, L * L)
+    # bigger than inputs only by the chunk budget (scores) and the gathered tiles
+    assert mode.largest <= max(B * H * L * D, 2 * reference.CHUNK_ELEMENTS)
+
+
+@pytest.mark.slow
+def test_2k_grid_runs_on_cpu_within_a_few_gb():
+    """FLUX at 2K: 128x128 tokens, 24 heads, head_dim 128, 512 text tokens, r=16.
+    Run in a subprocess and read its peak resident memory."""
+    import subprocess
+    import sys
+    code = """
+import resource, torch
+from comfyui_clear.kernels import clear_attention
+torch.manual_seed(0)
+T, h, w = 512, 128, 128
+q, k, v = (torch.randn(1, 24, T + h * w, 128, dtype=torch.bfloat16) for _ in range(3))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=16, backend="torch")
+assert torch.isfinite(out.float()).all()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(base // 1024, peak // 1024)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    base_mb, peak_mb = map(int, res.stdout.split())
+    # A dense score matrix alone would be 24 * 16896^2 * 4 B = 27 GB.
+    assert peak_mb < 4096, f"peak RSS {peak_mb} MB"
