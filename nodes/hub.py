@@ -1,0 +1,143 @@
+"""Download of the published CLEAR weights from the Hugging Face Hub.
+
+Goes through ``huggingface_hub.hf_hub_download`` (auth token, proxies, Hub
+redirects and Xet storage come with it) into the user's ``models/clear``
+folder. Behaviour we rely on, checked in huggingface_hub's
+``_hf_hub_download_to_local_dir``:
+
+- the bytes go to ``<dest>/.cache/huggingface/download/*.incomplete`` and are
+  renamed onto ``<dest>/<name>`` only when complete (same volume, so the final
+  name appears atomically and a partial file never carries it);
+- a dropped connection is resumed with an HTTP Range request (huggingface_hub
+  >= 1.0: inside the call, 5 retries; older versions also resume the
+  ``.incomplete`` file on the next run).
+
+``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` are read when the download starts (not
+when huggingface_hub was imported), so a mirror set after start-up is honoured.
+Progress goes to ComfyUI's progress bar (which is also where a user's cancel
+is raised: that exception is passed through untouched) and to the log.
+"""
+
+import inspect
+import logging
+import os
+import sys
+
+REPO_ID = "Huage001/CLEAR"
+REVISION = "main"
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+log = logging.getLogger(__name__)
+
+
+class CLEARDownloadError(RuntimeError):
+    """A published CLEAR file could not be downloaded; the message says where to put it by hand."""
+
+
+def _endpoint():
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def file_url(name, endpoint=None):
+    return f"{(endpoint or _endpoint()).rstrip('/')}/{REPO_ID}/resolve/{REVISION}/{name}"
+
+
+def _offline():
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _manual_hint(name, dest_dir, url):
+    return (f"Download it by hand from {url} (repo page: https://huggingface.co/{REPO_ID}) "
+            f"and save it as {os.path.join(os.path.abspath(dest_dir), name)}, then run the workflow again.")
+
+
+def _is_comfy_interrupt(exc):
+    """A user's cancel raised by ComfyUI's progress hook: must propagate as is."""
+    mm = sys.modules.get("comfy.model_management")
+    return mm is not None and isinstance(exc, getattr(mm, "InterruptProcessingException", ()))
+
+
+def _comfy_progress_callback():
+    """(done, total) -> None updating ComfyUI's progress bar, or None outside ComfyUI."""
+    try:
+        import comfy.utils
+    except ImportError:
+        return None
+    bar = comfy.utils.ProgressBar(1)
+
+    def update(done, total):
+        bar.update_absolute(done, total=max(int(total or 0), done, 1))
+    return update
+
+
+def _progress_tqdm_class(callback):
+    """A tqdm subclass that also reports bytes to ``callback``. huggingface_hub
+    instantiates it per transfer (twice for Xet files: network + reconstruction),
+    so each instance reports its own counts; ``name`` (passed by some versions)
+    is accepted and dropped because vanilla tqdm rejects it."""
+    from tqdm.auto import tqdm
+
+    class _ProgressTqdm(tqdm):
+        def __init__(self, *args, name=None, **kwargs):
+            self._clear_done = int(kwargs.get("initial") or 0)
+            self._clear_total = kwargs.get("total")
+            super().__init__(*args, **kwargs)
+            callback(self._clear_done, self._clear_total)
+
+        def update(self, n=1):
+            result = super().update(n)
+            self._clear_done += int(n or 0)
+            callback(self._clear_done, self._clear_total or self.total)
+            return result
+
+    return _ProgressTqdm
+
+
+def download_published(name, dest_dir, *, on_progress=None):
+    """Download ``name`` from the CLEAR Hub repo into ``dest_dir``; returns its path.
+
+    A file already at ``dest_dir/name`` is returned without touching the network.
+    ``on_progress(done_bytes, total_bytes)`` defaults to ComfyUI's progress bar.
+    Raises CLEARDownloadError (offline, missing file, failed transfer) with the
+    URL and the place to put the file by hand.
+    """
+    dest_dir = os.path.abspath(dest_dir)
+    final_path = os.path.join(dest_dir, name)
+    if os.path.isfile(final_path):
+        return final_path
+    url = file_url(name)
+    if _offline():
+        raise CLEARDownloadError(
+            f"CLEAR weights {name} are not in {dest_dir} and HF_HUB_OFFLINE is set, so they were not "
+            f"downloaded. {_manual_hint(name, dest_dir, url)}")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:
+        raise CLEARDownloadError(
+            f"huggingface_hub is not installed, so {name} cannot be downloaded "
+            f"(pip install huggingface_hub). {_manual_hint(name, dest_dir, url)}") from exc
+
+    os.makedirs(dest_dir, exist_ok=True)
+    callback = on_progress or _comfy_progress_callback()
+    kwargs = dict(repo_id=REPO_ID, filename=name, revision=REVISION, local_dir=dest_dir, endpoint=_endpoint())
+    if callback is not None and "tqdm_class" in inspect.signature(hf_hub_download).parameters:
+        kwargs["tqdm_class"] = _progress_tqdm_class(callback)  # huggingface_hub < 1.0 has no tqdm_class
+    log.info("CLEAR: downloading %s from %s into %s", name, url, dest_dir)
+    try:
+        path = hf_hub_download(**kwargs)
+    except Exception as exc:
+        if _is_comfy_interrupt(exc):
+            raise
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        if len(reason) > 500:
+            reason = reason[:500] + "..."
+        raise CLEARDownloadError(
+            f"Could not download CLEAR weights {name} from {url} ({reason}). "
+            f"{_manual_hint(name, dest_dir, url)}") from exc
+    path = os.path.abspath(path)
+    if os.path.normcase(path) != os.path.normcase(final_path) or not os.path.isfile(path):
+        raise CLEARDownloadError(f"huggingface_hub returned {path} for {name}, expected {final_path}. "
+                                 f"{_manual_hint(name, dest_dir, url)}")
+    log.info("CLEAR: saved %s (%.1f MB)", final_path, os.path.getsize(final_path) / 2**20)
+    return final_path

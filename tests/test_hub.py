@@ -1,0 +1,134 @@
+"""Download of published CLEAR files through huggingface_hub against a real HTTP
+server on 127.0.0.1 (tests/_hub_server.py). No ComfyUI needed, except for the
+progress-bar/cancel test at the end. The endpoint is given through the
+HF_ENDPOINT environment variable, which nodes/hub.py reads at call time."""
+
+import os
+
+import pytest
+
+from comfyui_clear.nodes import hub
+from comfyui_clear.nodes.hub import CLEARDownloadError, download_published
+
+from _hub_server import FakeHub, unused_port
+
+NAME = "clear_local_8.safetensors"
+
+
+@pytest.fixture
+def payload():
+    # > 2 x huggingface_hub's 10 MB read chunk: it only resumes from whole chunks
+    return os.urandom(21_000_003)
+
+
+@pytest.fixture
+def fake_hub(payload, monkeypatch):
+    with FakeHub({f"{hub.REPO_ID}/{NAME}": payload}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        yield server
+
+
+def _visible_files(folder):
+    """What a ComfyUI folder scan would list (hidden .cache excluded)."""
+    return sorted(f for f in os.listdir(folder) if not f.startswith("."))
+
+
+def test_download_lands_in_dest_with_right_bytes_and_is_not_repeated(fake_hub, payload, tmp_path):
+    progress = []
+    dest = tmp_path / "models" / "clear"
+    path = download_published(NAME, str(dest), on_progress=lambda done, total: progress.append((done, total)))
+    assert path == os.path.join(str(dest), NAME)
+    with open(path, "rb") as f:
+        assert f.read() == payload
+    assert _visible_files(dest) == [NAME]
+    assert len(fake_hub.gets()) == 1
+    assert fake_hub.gets()[0][1] == f"/{hub.REPO_ID}/resolve/main/{NAME}"
+    assert progress and progress[-1] == (len(payload), len(payload))
+
+    n_requests = len(fake_hub.file_requests())
+    assert download_published(NAME, str(dest)) == path
+    assert len(fake_hub.file_requests()) == n_requests  # already there: no network at all
+
+
+def test_dropped_connection_is_resumed_with_a_range_request(fake_hub, payload, tmp_path):
+    fake_hub.cut = "once"
+    path = download_published(NAME, str(tmp_path), on_progress=lambda *a: None)
+    with open(path, "rb") as f:
+        assert f.read() == payload
+    ranges = [r[2] for r in fake_hub.gets()]
+    assert ranges[0] is None and len(ranges) == 2
+    start = int(ranges[1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < start <= len(payload) // 2  # resumed where the kept bytes end, not restarted
+
+
+def test_failed_transfer_leaves_no_final_file_and_a_retry_succeeds(fake_hub, payload, tmp_path):
+    fake_hub.cut = "always"
+    with pytest.raises(CLEARDownloadError) as err:
+        download_published(NAME, str(tmp_path), on_progress=lambda *a: None)
+    msg = str(err.value)
+    assert f"{fake_hub.url}/{hub.REPO_ID}/resolve/main/{NAME}" in msg
+    assert os.path.join(str(tmp_path), NAME) in msg
+    assert not (tmp_path / NAME).exists()
+    assert _visible_files(tmp_path) == []
+
+    fake_hub.cut = None
+    path = download_published(NAME, str(tmp_path), on_progress=lambda *a: None)
+    with open(path, "rb") as f:
+        assert f.read() == payload
+
+
+def test_missing_file_on_the_hub_gives_manual_install_hint(fake_hub, tmp_path):
+    name = "clear_local_16.safetensors"  # not served
+    with pytest.raises(CLEARDownloadError) as err:
+        download_published(name, str(tmp_path))
+    msg = str(err.value)
+    assert f"{fake_hub.url}/{hub.REPO_ID}/resolve/main/{name}" in msg
+    assert "by hand" in msg and os.path.join(str(tmp_path), name) in msg
+    assert _visible_files(tmp_path) == []
+
+
+@pytest.mark.slow  # huggingface_hub backs off ~20 s on connection errors before giving up
+def test_nothing_listening_gives_clear_error(monkeypatch, tmp_path):
+    url = f"http://127.0.0.1:{unused_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(CLEARDownloadError) as err:
+        download_published(NAME, str(tmp_path))
+    assert f"{url}/{hub.REPO_ID}/resolve/main/{NAME}" in str(err.value)
+    assert _visible_files(tmp_path) == []
+
+
+def test_offline_mode_does_not_touch_the_network(fake_hub, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CLEARDownloadError, match="HF_HUB_OFFLINE") as err:
+        download_published(NAME, str(tmp_path))
+    assert os.path.join(str(tmp_path), NAME) in str(err.value)
+    assert fake_hub.requests == []
+    # but a file already in place is used
+    (tmp_path / NAME).write_bytes(b"x")
+    assert download_published(NAME, str(tmp_path)) == os.path.join(str(tmp_path), NAME)
+
+
+def test_progress_reaches_comfyui_progress_bar_and_cancel_propagates(comfyui, fake_hub, payload, tmp_path, monkeypatch):
+    import comfy.model_management
+    import comfy.utils
+
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append((value, total))
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    download_published(NAME, str(tmp_path / "a"))
+    assert seen and seen[-1] == (len(payload), len(payload))
+
+    def cancelling_hook(value, total, preview, node_id=None):
+        if value > 0:
+            raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", cancelling_hook)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        download_published(NAME, str(tmp_path / "b"))
+    assert not (tmp_path / "b" / NAME).exists()
