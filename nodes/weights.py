@@ -1,0 +1,318 @@
+"""CLEAR weight files: catalogue, validation against a loaded FLUX, and mapping
+onto ComfyUI's fused FLUX layout as weight patches.
+
+The published files (Hub repo Huage001/CLEAR) hold diffusers names for the
+image-stream attention projections of every FLUX.1 block:
+``transformer_blocks.{i}.attn.to_q|to_k|to_v|to_out.0.{weight,bias}`` (double),
+``single_transformer_blocks.{i}.attn.to_q|to_k|to_v.{weight,bias}`` (single)
+and, in the down-sampled variants, ``...attn.processor.spatial_weight``
+(shape (1, 1, 1, d, 1, d, 1)) per layer. ComfyUI keeps FLUX fused:
+``img_attn.qkv`` rows are [q; k; v], ``img_attn.proj`` is to_out.0, and the
+first 3*hidden rows of ``single_blocks.{i}.linear1`` are [q; k; v].
+
+Patch design. Every CLEAR tensor becomes a ("set", (tensor,)) patch (a row
+slice ``(key, (0, start, hidden))`` of the fused weights), moved to the FRONT
+of that key's patch list on the cloned patcher. ``comfy.lora.calculate_weight``
+applies a key's patches in order, so the published values replace the base
+weights first and every other patch (a LoRA loaded before or after this node,
+a model merge) lands on top of them; a "diff" patch would commute too but needs
+the difference in float32 (~7 GB for FLUX). The same list is used by the full
+load (``patch_weight_to_device``, float32 then one rounding to the weight dtype,
+stochastic for fp8) and by the low-VRAM path (``LowVramPatch``). Tensors stay on
+CPU in the file's dtype. Unknown keys in a file are an error, not skipped:
+a file that is not exactly a CLEAR file for this model must not half-apply.
+"""
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+PUBLISHED = {  # file name -> (window_size, down_factor) it was trained with
+    "clear_local_8.safetensors": (8, 1),
+    "clear_local_16.safetensors": (16, 1),
+    "clear_local_32.safetensors": (32, 1),
+    "clear_local_8_down_4.safetensors": (8, 4),
+    "clear_local_16_down_4.safetensors": (16, 4),
+}
+TRAINING_FREE = "none (training-free)"
+FOLDER = "clear"  # ComfyUI models folder key: models/clear/
+EXTENSION = ".safetensors"
+ATTACHMENT = "clear_weights"  # ModelPatcher attachment: the CLEARWeights applied to it
+
+_NAME_PATTERN = re.compile(r"clear_local_(\d+)(?:_down_(\d+))?(?!\d)", re.IGNORECASE)
+_KEY_PATTERN = re.compile(
+    r"(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<index>\d+)\.attn\."
+    r"(?:(?P<proj>to_q|to_k|to_v|to_out\.0)\.(?P<param>weight|bias)|processor\.spatial_weight)")
+_OPTIONAL_PREFIX = "transformer."  # a diffusers pipeline's transformer saved whole
+
+
+class CLEARWeightsError(ValueError):
+    """A CLEAR weight file that cannot be used with this model (message names the file)."""
+
+
+# ---------------------------------------------------------------------------
+# Catalogue (ComfyUI's models/clear folder)
+
+def register_model_folder():
+    """Register models/clear with ComfyUI. Idempotent; a folder set in
+    extra_model_paths.yaml stays first (downloads go to the first folder)."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+    extensions = folder_paths.folder_names_and_paths[FOLDER][1]
+    if not extensions:  # a new key gets an empty set, which would list every file
+        extensions.add(EXTENSION)
+
+
+def weight_choices():
+    """The published names (present or not: they download on first use), then
+    other .safetensors files in the clear folder(s), then TRAINING_FREE."""
+    import folder_paths
+
+    register_model_folder()
+    on_disk = [f for f in folder_paths.get_filename_list(FOLDER)
+               if f.lower().endswith(EXTENSION) and f not in PUBLISHED]
+    return list(PUBLISHED) + on_disk + [TRAINING_FREE]
+
+
+def _read_metadata_setting(path):
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        window = meta.get("clear.window_size", meta.get("window_size"))
+        down = meta.get("clear.down_factor", meta.get("down_factor", 1))
+        return (int(window), int(down)) if window is not None else None
+    except Exception:  # unreadable or no usable metadata: the setting is simply unknown
+        return None
+
+
+def training_setting(name):
+    """(window_size, down_factor) the file was trained with, or None if unknown:
+    from PUBLISHED, else a name like clear_local_{r}[_down_{d}], else the
+    safetensors metadata keys ``window_size`` / ``down_factor``."""
+    if name in PUBLISHED:
+        return PUBLISHED[name]
+    match = _NAME_PATTERN.match(os.path.basename(name))
+    if match:
+        return int(match.group(1)), int(match.group(2) or 1)
+    path = None
+    try:
+        import folder_paths
+
+        path = folder_paths.get_full_path(FOLDER, name)
+    except (ImportError, KeyError):
+        pass
+    if path is None and os.path.isabs(name) and os.path.isfile(name):
+        path = name
+    return _read_metadata_setting(path) if path else None
+
+
+def resolve_weight_file(name):
+    """Absolute path of a weight file from the clear folder(s); a published file
+    that is missing is downloaded into the first clear folder."""
+    import folder_paths
+
+    if name == TRAINING_FREE:
+        raise CLEARWeightsError(f"'{TRAINING_FREE}' uses the model's own weights: there is no file to load.")
+    register_model_folder()
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None and os.path.isabs(name) and os.path.isfile(name):
+        path = name
+    if path is not None:
+        return os.path.abspath(path)
+    folders = folder_paths.get_folder_paths(FOLDER)
+    if name in PUBLISHED:
+        from .hub import download_published
+
+        return download_published(name, folders[0])
+    raise CLEARWeightsError(
+        f"CLEAR weight file '{name}' was not found in {folders}. Put it in one of those folders "
+        f"or pick one of the published files ({', '.join(PUBLISHED)}), which download on first use.")
+
+
+# ---------------------------------------------------------------------------
+# Loading and validation
+
+@dataclass
+class CLEARWeights:
+    path: str
+    patches: dict  # ComfyUI add_patches keys -> ("set", (tensor,))
+    spatial_weights: dict = field(default_factory=dict)  # ("double"|"single", i) -> float32 (d, d)
+    down_factor: int = 1
+
+
+def _flux_layout(model_patcher, fail):
+    """Block indices and hidden size of the loaded model, or fail("not FLUX")."""
+    sd = model_patcher.model_state_dict()
+    double = {int(m.group(1)) for k in sd
+              if (m := re.fullmatch(r"diffusion_model\.double_blocks\.(\d+)\.img_attn\.qkv\.weight", k))}
+    single = {int(m.group(1)) for k in sd
+              if (m := re.fullmatch(r"diffusion_model\.single_blocks\.(\d+)\.linear1\.weight", k))}
+    if not double or not single:
+        fail("the model is not a FLUX model (no diffusion_model.double_blocks.*.img_attn.qkv / "
+             "single_blocks.*.linear1 weights); CLEAR weights only fit FLUX.1 models")
+    hidden = sd[f"diffusion_model.double_blocks.{min(double)}.img_attn.qkv.weight"].shape[1]
+    expected = {}
+    for i in double:
+        p = f"diffusion_model.double_blocks.{i}.img_attn."
+        expected[p + "qkv.weight"], expected[p + "qkv.bias"] = (3 * hidden, hidden), (3 * hidden,)
+        expected[p + "proj.weight"], expected[p + "proj.bias"] = (hidden, hidden), (hidden,)
+    for i in single:
+        p = f"diffusion_model.single_blocks.{i}.linear1."
+        expected[p + "weight"], expected[p + "bias"] = (None, hidden), (None,)
+    for key, shape in expected.items():
+        if key not in sd:
+            fail(f"the model has no '{key}' (a FLUX variant without attention biases?), "
+                 "so it does not match CLEAR's FLUX.1 layout")
+        actual = tuple(sd[key].shape)
+        rows_ok = shape[0] is None and actual[0] >= 3 * hidden or actual[0] == shape[0]
+        if len(actual) != len(shape) or not rows_ok or actual[1:] != shape[1:]:
+            fail(f"the model's '{key}' has shape {actual}, which is not FLUX's layout for hidden size {hidden}")
+    return sorted(double), sorted(single), hidden
+
+
+def _read_file(path, fail):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # SafetensorError / OSError on truncated or foreign files
+        fail(f"it cannot be read as safetensors ({type(exc).__name__}: {exc}); "
+             "the file is truncated or corrupt: delete it and download it again")
+
+
+def _describe(indices):
+    return ", ".join(str(i) for i in sorted(indices)[:8]) + (" ..." if len(indices) > 8 else "")
+
+
+def _spatial_weight(tensor, key, fail):
+    dims = [s for s in tensor.shape if s != 1]
+    if len(dims) != 2 or dims[0] != dims[1] or tensor.dim() not in (2, 7):
+        fail(f"'{key}' has shape {tuple(tensor.shape)}; expected (1, 1, 1, d, 1, d, 1) with d > 1")
+    d = dims[0]
+    return tensor.reshape(d, d).to(torch.float32)
+
+
+def load_clear_weights(path, model_patcher):
+    """Read and validate a CLEAR file against the loaded model; build its patches.
+
+    Everything is checked before anything is returned (no side effects): the
+    model is FLUX-like, the file covers exactly the model's blocks with all of
+    q/k/v (+ out for double blocks) weights and biases of the model's hidden
+    size, no unknown keys, finite values, one spatial_weight per layer with the
+    same d in down-sampled files. Raises CLEARWeightsError naming the file."""
+    path = os.path.abspath(path)
+
+    def fail(problem):
+        raise CLEARWeightsError(f"CLEAR weight file {path}: {problem}.")
+
+    double_ids, single_ids, hidden = _flux_layout(model_patcher, fail)
+    tensors = _read_file(path, fail)
+    if tensors and all(k.startswith(_OPTIONAL_PREFIX) for k in tensors):
+        tensors = {k[len(_OPTIONAL_PREFIX):]: v for k, v in tensors.items()}
+
+    layers = {}  # (kind, i) -> {"to_q.weight": tensor, ..., "spatial_weight": tensor}
+    unknown = []
+    for key, tensor in tensors.items():
+        m = _KEY_PATTERN.fullmatch(key)
+        if m is None or (m["kind"] == "single_transformer_blocks" and m["proj"] == "to_out.0"):
+            unknown.append(key)
+            continue
+        kind = "double" if m["kind"] == "transformer_blocks" else "single"
+        name = f"{m['proj']}.{m['param']}" if m["proj"] else "spatial_weight"
+        layers.setdefault((kind, int(m["index"])), {})[name] = tensor
+    if not layers:
+        fail(f"it holds no CLEAR attention weights (keys like {sorted(tensors)[:3]}); "
+             "it is not a CLEAR file for FLUX.1")
+    if unknown:
+        fail(f"it has {len(unknown)} key(s) CLEAR files do not have, e.g. {sorted(unknown)[:5]}; "
+             "it is not a CLEAR weight file (or was saved with other names)")
+
+    for kind, model_ids in (("double", double_ids), ("single", single_ids)):
+        file_ids = {i for k, i in layers if k == kind}
+        if extra := file_ids - set(model_ids):
+            fail(f"it has {kind} block(s) {_describe(extra)} but the model has {len(model_ids)} {kind} "
+                 "blocks; it was made for another model")
+        if missing := set(model_ids) - file_ids:
+            fail(f"it lacks {kind} block(s) {_describe(missing)} of the model's {len(model_ids)}; "
+                 "a partially applied CLEAR model would be wrong")
+
+    projections = {"double": ("to_q", "to_k", "to_v", "to_out.0"), "single": ("to_q", "to_k", "to_v")}
+    down_factors = set()
+    for (kind, i), names in sorted(layers.items()):
+        prefix = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{i}.attn."
+        for proj in projections[kind]:
+            for param, shape in (("weight", (hidden, hidden)), ("bias", (hidden,))):
+                t = names.get(f"{proj}.{param}")
+                if t is None:
+                    fail(f"'{prefix}{proj}.{param}' is missing")
+                if tuple(t.shape) != shape:
+                    fail(f"'{prefix}{proj}.{param}' has shape {tuple(t.shape)} but the model's hidden size "
+                         f"is {hidden} (expected {shape}); the file is for another model")
+                if not t.is_floating_point() or not torch.isfinite(t).all():
+                    fail(f"'{prefix}{proj}.{param}' is not finite floating point data (corrupt file)")
+        if "spatial_weight" in names:
+            sw = names["spatial_weight"] = _spatial_weight(names["spatial_weight"], prefix + "processor.spatial_weight", fail)
+            if not torch.isfinite(sw).all():
+                fail(f"'{prefix}processor.spatial_weight' is not finite (corrupt file)")
+            down_factors.add(sw.shape[0])
+    with_sw = [layer for layer, names in layers.items() if "spatial_weight" in names]
+    if with_sw and len(with_sw) != len(layers):
+        lacking = sorted(set(layers) - set(with_sw))
+        fail(f"only some layers have a spatial_weight (missing in e.g. {lacking[:3]}); a down-sampled "
+             "CLEAR file has one per layer")
+    if len(down_factors) > 1:
+        fail(f"its spatial_weight sizes disagree across layers ({sorted(down_factors)}); one d per file")
+
+    patches, spatial = {}, {}
+    for (kind, i), names in layers.items():
+        if kind == "double":
+            fused = f"diffusion_model.double_blocks.{i}.img_attn.qkv"
+            patches[f"diffusion_model.double_blocks.{i}.img_attn.proj.weight"] = ("set", (names["to_out.0.weight"],))
+            patches[f"diffusion_model.double_blocks.{i}.img_attn.proj.bias"] = ("set", (names["to_out.0.bias"],))
+        else:
+            fused = f"diffusion_model.single_blocks.{i}.linear1"
+        for row, proj in enumerate(("to_q", "to_k", "to_v")):
+            for param in ("weight", "bias"):
+                patches[(f"{fused}.{param}", (0, row * hidden, hidden))] = ("set", (names[f"{proj}.{param}"],))
+        if "spatial_weight" in names:
+            spatial[(kind, i)] = names["spatial_weight"]
+    down_factor = down_factors.pop() if down_factors else 1
+    return CLEARWeights(path=path, patches=patches, spatial_weights=spatial, down_factor=down_factor)
+
+
+# ---------------------------------------------------------------------------
+# Applying
+
+def _patch_key(key):
+    return key if isinstance(key, str) else key[0]
+
+
+def apply_clear_weights(model_patcher, weights):
+    """Add the CLEAR patches to an already-cloned ModelPatcher, first in each
+    key's patch list (see the module docstring). CLEAR weights applied to this
+    patcher before (a second CLEAR node in the chain) are replaced."""
+    model_keys = set(model_patcher.model_state_dict())
+    if missing := sorted({_patch_key(k) for k in weights.patches} - model_keys):
+        raise CLEARWeightsError(f"CLEAR weight file {weights.path}: the model has no {missing[:3]}; "
+                                "load the file against this model (load_clear_weights)")
+
+    previous = model_patcher.get_attachment(ATTACHMENT)
+    if previous is not None:
+        stale = {id(v) for v in previous.patches.values()}
+        for key in {_patch_key(k) for k in previous.patches}:
+            if key in model_patcher.patches:
+                model_patcher.patches[key] = [p for p in model_patcher.patches[key] if id(p[1]) not in stale]
+
+    before = {key: len(model_patcher.patches.get(key, [])) for key in map(_patch_key, weights.patches)}
+    added = model_patcher.add_patches(weights.patches, 1.0, 1.0)  # appends, and renews patches_uuid
+    assert len(added) == len(weights.patches)
+    for key, n_before in before.items():
+        current = model_patcher.patches[key]
+        model_patcher.patches[key] = current[n_before:] + current[:n_before]  # ours first, in file order
+    model_patcher.set_attachments(ATTACHMENT, weights)
