@@ -8,20 +8,26 @@ folder. Behaviour we rely on, checked in huggingface_hub's
 - the bytes go to ``<dest>/.cache/huggingface/download/*.incomplete`` and are
   renamed onto ``<dest>/<name>`` only when complete (same volume, so the final
   name appears atomically and a partial file never carries it);
-- a dropped connection is resumed with an HTTP Range request (huggingface_hub
-  >= 1.0: inside the call, 5 retries; older versions also resume the
-  ``.incomplete`` file on the next run).
+- a dropped connection is resumed with an HTTP Range request: huggingface_hub
+  >= 1.0 does it inside the call (5 retries, from whole 10 MB chunks); older
+  versions end the call with the error, keep the ``.incomplete`` file and
+  resume it on the next run.
 
 ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` are read when the download starts (not
 when huggingface_hub was imported), so a mirror set after start-up is honoured.
 Progress goes to ComfyUI's progress bar (which is also where a user's cancel
-is raised: that exception is passed through untouched) and to the log.
+is raised: that exception is passed through untouched) and to the log. Only
+huggingface_hub >= 1.0 takes a ``tqdm_class``; with older versions (what
+ComfyUI's transformers 4.x pins) the download runs in a worker thread and this
+thread reports the size of its ``.incomplete`` file instead.
 """
 
+import glob
 import inspect
 import logging
 import os
 import sys
+import threading
 
 REPO_ID = "Huage001/CLEAR"
 REVISION = "main"
@@ -94,6 +100,59 @@ def _progress_tqdm_class(callback):
     return _ProgressTqdm
 
 
+def _takes_tqdm_class(function):
+    try:
+        return "tqdm_class" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _file_size(kwargs):
+    """Size announced by the Hub, or None (hf_hub_download reports the errors)."""
+    try:
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        url = hf_hub_url(kwargs["repo_id"], kwargs["filename"], revision=kwargs["revision"], endpoint=kwargs["endpoint"])
+        return get_hf_file_metadata(url).size
+    except Exception:
+        return None
+
+
+def _download_polling_progress(hf_hub_download, kwargs, callback, interval=0.25):
+    """Run hf_hub_download in a worker thread; report the growth of its
+    ``.incomplete`` file (under local_dir/.cache/huggingface/download) from this
+    thread, so a cancel raised by the progress bar stops the wait here."""
+    total = _file_size(kwargs)
+    outcome = {}
+
+    def work():
+        try:
+            outcome["path"] = hf_hub_download(**kwargs)
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name=f"clear-download-{kwargs['filename']}", daemon=True)
+    worker.start()
+    pattern = os.path.join(glob.escape(kwargs["local_dir"]), ".cache", "huggingface", "download", "**", "*.incomplete")
+    done = 0
+    try:
+        while worker.is_alive():
+            worker.join(interval)
+            partial = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+            if partial:
+                done = max(done, os.path.getsize(max(partial, key=os.path.getmtime)))
+            callback(done, total)
+    except BaseException:
+        log.warning("CLEAR: stopped waiting for %s; the transfer finishes in the background and the file "
+                    "appears in %s when complete", kwargs["filename"], kwargs["local_dir"])
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    size = os.path.getsize(outcome["path"]) if os.path.isfile(outcome["path"]) else done
+    callback(size, total or size)
+    return outcome["path"]
+
+
 def download_published(name, dest_dir, *, on_progress=None):
     """Download ``name`` from the CLEAR Hub repo into ``dest_dir``; returns its path.
 
@@ -121,11 +180,14 @@ def download_published(name, dest_dir, *, on_progress=None):
     os.makedirs(dest_dir, exist_ok=True)
     callback = on_progress or _comfy_progress_callback()
     kwargs = dict(repo_id=REPO_ID, filename=name, revision=REVISION, local_dir=dest_dir, endpoint=_endpoint())
-    if callback is not None and "tqdm_class" in inspect.signature(hf_hub_download).parameters:
-        kwargs["tqdm_class"] = _progress_tqdm_class(callback)  # huggingface_hub < 1.0 has no tqdm_class
     log.info("CLEAR: downloading %s from %s into %s", name, url, dest_dir)
     try:
-        path = hf_hub_download(**kwargs)
+        if callback is None:
+            path = hf_hub_download(**kwargs)
+        elif _takes_tqdm_class(hf_hub_download):
+            path = hf_hub_download(**kwargs, tqdm_class=_progress_tqdm_class(callback))
+        else:
+            path = _download_polling_progress(hf_hub_download, kwargs, callback)
     except Exception as exc:
         if _is_comfy_interrupt(exc):
             raise
