@@ -401,3 +401,45 @@ def test_resolve_finds_local_downloads_published_and_rejects_unknown(W, clear_fo
         path = W.resolve_weight_file("clear_local_16.safetensors")
     assert path == str(folder / "clear_local_16.safetensors")
     assert (folder / "clear_local_16.safetensors").read_bytes() == payload
+
+
+def make_tiny_flux_scaled_fp8(scale=2 ** -6, seed=0):
+    """Tiny FLUX with ComfyUI's scaled-fp8 ops (as in "fp8 scaled" FLUX checkpoints):
+    weights stored as value / scale_weight in float8_e4m3fn, computed in bf16."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    from flux_tiny import tiny_unet_config
+
+    config = comfy.supported_models.Flux(tiny_unet_config())
+    config.scaled_fp8 = torch.float8_e4m3fn
+    config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
+    model = config.get_model({})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "scale_weight"):
+                module.scale_weight.fill_(scale)
+                value = torch.randn(module.weight.shape, generator=gen) / module.weight.shape[1] ** 0.5
+                module.weight.copy_((value / scale).to(module.weight.dtype))
+    return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
+
+
+def test_scaled_fp8_model_gets_published_values(W, tmp_path):
+    scale = 2 ** -6  # exact in float32
+    base = make_tiny_flux_scaled_fp8(scale)
+    qkv = base.model.diffusion_model.double_blocks[0].img_attn.qkv
+    assert qkv.weight.dtype == torch.float8_e4m3fn and float(qkv.scale_weight) == scale
+    base_sd = {k: v.clone() for k, v in base.model.state_dict().items()}
+    pub = write_clear_file(tmp_path / "c.safetensors", seed=23)
+    clone = apply_file(W, base, tmp_path / "c.safetensors")
+    expected = expected_published(pub, base_sd)
+    keys = [k for k in expected if k.endswith(".weight")]  # scale_weight applies to weights only
+    full = effective_weights(clone, keys)
+    low = effective_weights(clone, keys, lowvram=True)
+    for key in keys:
+        assert full[key].dtype == torch.float8_e4m3fn
+        assert torch.equal(full[key].view(torch.uint8), low[key].view(torch.uint8)), key
+        got = full[key].float() * scale  # what the layer computes with
+        want = expected[key][: 3 * H] if key.endswith("linear1.weight") else expected[key]
+        got = got[: want.shape[0]]
+        assert ((got - want).abs() <= fp8_spacing(want / scale) * scale * 1.0001).all(), key
