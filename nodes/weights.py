@@ -25,6 +25,7 @@ a file that is not exactly a CLEAR file for this model must not half-apply.
 
 import os
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -143,6 +144,16 @@ class CLEARWeights:
     patches: dict  # ComfyUI add_patches keys -> ("set", (tensor,))
     spatial_weights: dict = field(default_factory=dict)  # ("double"|"single", i) -> float32 (d, d)
     down_factor: int = 1
+    _tensors: object = field(default=None, repr=False, compare=False)  # keeps the file cache entry alive
+
+
+class _FileTensors(dict):
+    """A file's checked tensors. Cached weakly: while any CLEARWeights built from
+    it is alive (e.g. a node output ComfyUI keeps), loading the same unchanged
+    file again shares the tensors instead of holding a second copy (GBs)."""
+
+
+_file_cache = weakref.WeakValueDictionary()  # (path, mtime_ns, size) -> _FileTensors
 
 
 def _flux_layout(model_patcher, fail):
@@ -179,11 +190,20 @@ def _read_file(path, fail):
     from safetensors import safe_open
 
     try:
+        stat = os.stat(path)
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        cached = _file_cache.get(key)
+        if cached is not None:
+            return cached
         with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # SafetensorError / OSError on truncated or foreign files
+            tensors = _FileTensors((k, f.get_tensor(k)) for k in f.keys())
+    except Exception as exc:  # SafetensorError / OSError on truncated, foreign or missing files
         fail(f"it cannot be read as safetensors ({type(exc).__name__}: {exc}); "
-             "the file is truncated or corrupt: delete it and download it again")
+             "the file is missing, truncated or corrupt: delete it and download it again")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    tensors.non_finite = set(bad)  # checked once per read, reported against the model below
+    _file_cache[key] = tensors
+    return tensors
 
 
 def _describe(indices):
@@ -195,7 +215,7 @@ def _spatial_weight(tensor, key, fail):
     if len(dims) != 2 or dims[0] != dims[1] or tensor.dim() not in (2, 7):
         fail(f"'{key}' has shape {tuple(tensor.shape)}; expected (1, 1, 1, d, 1, d, 1) with d > 1")
     d = dims[0]
-    return tensor.reshape(d, d).to(torch.float32)
+    return tensor.reshape(d, d).to(torch.float32, copy=True)  # never a view of the shared file tensor
 
 
 def load_clear_weights(path, model_patcher):
@@ -212,9 +232,12 @@ def load_clear_weights(path, model_patcher):
         raise CLEARWeightsError(f"CLEAR weight file {path}: {problem}.")
 
     double_ids, single_ids, hidden = _flux_layout(model_patcher, fail)
-    tensors = _read_file(path, fail)
-    if tensors and all(k.startswith(_OPTIONAL_PREFIX) for k in tensors):
-        tensors = {k[len(_OPTIONAL_PREFIX):]: v for k, v in tensors.items()}
+    source = _read_file(path, fail)
+    tensors, non_finite = source, source.non_finite
+    if source and all(k.startswith(_OPTIONAL_PREFIX) for k in source):
+        n = len(_OPTIONAL_PREFIX)
+        tensors = {k[n:]: v for k, v in source.items()}
+        non_finite = {k[n:] for k in non_finite}
 
     layers = {}  # (kind, i) -> {"to_q.weight": tensor, ..., "spatial_weight": tensor}
     unknown = []
@@ -254,13 +277,13 @@ def load_clear_weights(path, model_patcher):
                 if tuple(t.shape) != shape:
                     fail(f"'{prefix}{proj}.{param}' has shape {tuple(t.shape)} but the model's hidden size "
                          f"is {hidden} (expected {shape}); the file is for another model")
-                if not t.is_floating_point() or not torch.isfinite(t).all():
+                if not t.is_floating_point() or f"{prefix}{proj}.{param}" in non_finite:
                     fail(f"'{prefix}{proj}.{param}' is not finite floating point data (corrupt file)")
         if "spatial_weight" in names:
-            sw = names["spatial_weight"] = _spatial_weight(names["spatial_weight"], prefix + "processor.spatial_weight", fail)
-            if not torch.isfinite(sw).all():
+            if prefix + "processor.spatial_weight" in non_finite:
                 fail(f"'{prefix}processor.spatial_weight' is not finite (corrupt file)")
-            down_factors.add(sw.shape[0])
+            names["spatial_weight"] = _spatial_weight(names["spatial_weight"], prefix + "processor.spatial_weight", fail)
+            down_factors.add(names["spatial_weight"].shape[0])
     with_sw = [layer for layer, names in layers.items() if "spatial_weight" in names]
     if with_sw and len(with_sw) != len(layers):
         lacking = sorted(set(layers) - set(with_sw))
@@ -283,7 +306,7 @@ def load_clear_weights(path, model_patcher):
         if "spatial_weight" in names:
             spatial[(kind, i)] = names["spatial_weight"]
     down_factor = down_factors.pop() if down_factors else 1
-    return CLEARWeights(path=path, patches=patches, spatial_weights=spatial, down_factor=down_factor)
+    return CLEARWeights(path=path, patches=patches, spatial_weights=spatial, down_factor=down_factor, _tensors=source)
 
 
 # ---------------------------------------------------------------------------

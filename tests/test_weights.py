@@ -242,6 +242,26 @@ def test_spatial_weights_per_layer(W, flux_bf16, tmp_path):
     assert plain.down_factor == 1 and plain.spatial_weights == {}
 
 
+def test_reloading_an_unchanged_file_shares_its_tensors(W, flux_bf16, tmp_path):
+    import gc
+
+    path = str(tmp_path / "c.safetensors")
+    write_clear_file(path, seed=24)
+    first = W.load_clear_weights(path, flux_bf16)
+    second = W.load_clear_weights(path, flux_bf16)  # e.g. the node re-runs after an upstream change
+    key = "diffusion_model.double_blocks.0.img_attn.proj.weight"
+    assert second.patches[key][1][0] is first.patches[key][1][0]
+
+    pub = write_clear_file(path, seed=25)  # file replaced: read again
+    os.utime(path, ns=(1, 1))  # distinct mtime even on coarse filesystem clocks
+    third = W.load_clear_weights(path, flux_bf16)
+    assert torch.equal(third.patches[key][1][0], pub["transformer_blocks.0.attn.to_out.0.weight"])
+
+    del first, second, third
+    gc.collect()
+    assert not [k for k in W._file_cache.keys() if k[0] == path]  # the cache never keeps a file alive alone
+
+
 def test_transformer_prefix_is_accepted(W, flux_bf16, tmp_path):
     sd = clear_state_dict(seed=16)
     save_file({"transformer." + k: v for k, v in sd.items()}, str(tmp_path / "p.safetensors"))
