@@ -56,10 +56,12 @@ UNTOUCHED = ["diffusion_model.double_blocks.0.txt_attn.qkv.weight", "diffusion_m
              "diffusion_model.single_blocks.0.linear2.weight", "diffusion_model.double_blocks.0.img_mlp.0.weight"]
 
 
-def effective_weights(patcher, keys, lowvram=False):
+def effective_weights(patcher, keys, lowvram=False, low_vram_keys=None):
     """The weights the model computes with after ComfyUI loads ``patcher``:
     patched in place (full load), or through the LowVramPatch functions that
-    comfy.ops applies at forward time (lowvram). Unpatches afterwards."""
+    comfy.ops applies at forward time (lowvram=True: every module; an int: that
+    many bytes load fully, the rest low-VRAM, i.e. partial loading). Keys that
+    went through LowVramPatch are added to ``low_vram_keys``. Unpatches afterwards."""
     import comfy.model_patcher
     import comfy.ops
     import comfy.utils
@@ -67,14 +69,17 @@ def effective_weights(patcher, keys, lowvram=False):
     with torch.inference_mode():  # as ComfyUI executes every prompt
         out = {}
         if lowvram:
-            patcher.patch_model(device_to=CPU, lowvram_model_memory=1)  # 1 byte budget: every module low-VRAM
+            budget = 1 if lowvram is True else lowvram  # 1 byte: every module low-VRAM
+            patcher.patch_model(device_to=CPU, lowvram_model_memory=budget)
             assert patcher.model.model_lowvram
             for key in keys:
                 module_name, param = key.rsplit(".", 1)
                 m = comfy.utils.get_attr(patcher.model, module_name)
                 functions = m.weight_function if param == "weight" else m.bias_function
-                if key in patcher.patches:
+                if key in patcher.patches and lowvram is True:
                     assert functions and isinstance(functions[0], comfy.model_patcher.LowVramPatch)
+                if functions and low_vram_keys is not None:
+                    low_vram_keys.add(key)
                 w, b = comfy.ops.cast_bias_weight(m, dtype=m.weight.dtype, device=CPU, bias_dtype=m.bias.dtype)[:2]
                 out[key] = (w if param == "weight" else b).clone()
         else:
@@ -147,6 +152,18 @@ def test_patched_weights_equal_published_full_and_lowvram(W, dtype, tmp_path):
         else:
             assert torch.equal(full[key], e.to(dtype)), key
         assert not torch.equal(full[key].view(torch.uint8), base_sd[key].view(torch.uint8)), key
+
+
+def test_partial_loading_mixes_both_paths_with_published_values(W, flux_bf16, tmp_path):
+    pub = write_clear_file(tmp_path / "c.safetensors", seed=26)
+    clone = apply_file(W, flux_bf16, tmp_path / "c.safetensors")
+    base_sd = {k: v.clone() for k, v in flux_bf16.model.state_dict().items()}
+    expected = expected_published(pub, base_sd)
+    low_vram_keys = set()
+    got = effective_weights(clone, list(expected), lowvram=clone.model_size() // 2, low_vram_keys=low_vram_keys)
+    assert 0 < len(low_vram_keys) < len(expected)  # really partial: some keys each way
+    for key, value in expected.items():
+        assert torch.equal(got[key], value.to(torch.bfloat16)), key
 
 
 # --------------------------------------------------------------------------
@@ -415,7 +432,7 @@ def test_resolve_finds_local_downloads_published_and_rejects_unknown(W, clear_fo
         W.resolve_weight_file(W.TRAINING_FREE)
 
     payload = b"published bytes"
-    with FakeHub({f"Huage001/CLEAR/clear_local_16.safetensors": payload}) as hub:
+    with FakeHub({"Huage001/CLEAR/clear_local_16.safetensors": payload}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         path = W.resolve_weight_file("clear_local_16.safetensors")
