@@ -154,6 +154,27 @@ def test_patched_weights_equal_published_full_and_lowvram(W, dtype, tmp_path):
         assert not torch.equal(full[key].view(torch.uint8), base_sd[key].view(torch.uint8)), key
 
 
+def test_mapping_agrees_with_comfyui_own_diffusers_to_flux_key_map(W, flux_bf16, tmp_path):
+    """comfy.utils.flux_to_diffusers is ComfyUI's own diffusers -> BFL map (used to
+    load diffusers FLUX checkpoints): every published tensor must be patched
+    exactly where ComfyUI would put that diffusers key."""
+    import comfy.utils
+
+    pub = write_clear_file(tmp_path / "c.safetensors", down_factor=4, seed=27)
+    w = W.load_clear_weights(str(tmp_path / "c.safetensors"), flux_bf16)
+    key_map = comfy.utils.flux_to_diffusers({"depth": 2, "depth_single_blocks": 2, "hidden_size": H},
+                                            output_prefix="diffusion_model.")
+    by_tensor = {id(value[1][0]): patch_key for patch_key, value in w.patches.items()}
+    mapped = 0
+    for name, tensor in pub.items():
+        if name.endswith("spatial_weight"):
+            continue
+        target = key_map[name]
+        assert by_tensor[id(w._tensors[name])] == target, name  # same key and row slice
+        mapped += 1
+    assert mapped == len(w.patches) == 2 * 4 * 2 + 2 * 3 * 2
+
+
 def test_partial_loading_mixes_both_paths_with_published_values(W, flux_bf16, tmp_path):
     pub = write_clear_file(tmp_path / "c.safetensors", seed=26)
     clone = apply_file(W, flux_bf16, tmp_path / "c.safetensors")
