@@ -161,6 +161,8 @@ def download_published(name, dest_dir, *, on_progress=None):
     Raises CLEARDownloadError (offline, missing file, failed transfer) with the
     URL and the place to put the file by hand.
     """
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        raise CLEARDownloadError(f"'{name}' is not a file name of the {REPO_ID} repository (no folders allowed).")
     dest_dir = os.path.abspath(dest_dir)
     final_path = os.path.join(dest_dir, name)
     if os.path.isfile(final_path):

@@ -115,6 +115,13 @@ def test_nothing_listening_gives_clear_error(monkeypatch, tmp_path):
     assert _visible_files(tmp_path) == []
 
 
+@pytest.mark.parametrize("name", ["../clear_local_8.safetensors", "sub/clear_local_8.safetensors", ""])
+def test_names_with_folders_are_refused(name, tmp_path):
+    with pytest.raises(CLEARDownloadError, match="file name"):
+        download_published(name, str(tmp_path / "clear"))
+    assert not (tmp_path / "clear").exists()
+
+
 def test_offline_mode_does_not_touch_the_network(fake_hub, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CLEARDownloadError, match="HF_HUB_OFFLINE") as err:
