@@ -1,0 +1,112 @@
+"""The Triton kernel under TRITON_INTERPRET=1 on the CPU against the dense
+float64 oracle. The interpreter is slow: tiny shapes."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (it comes with torch's Linux wheels)")
+
+from comfyui_clear.kernels import clear_attention, clear_triton  # noqa: E402
+from oracle import clear_oracle, rel_err  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture
+def poisoned_output(monkeypatch):
+    """Every output buffer the kernel module allocates starts as NaN, so an
+    element the kernel fails to write shows up."""
+    real_empty_like = torch.empty_like
+
+    def nan_empty_like(t, *args, **kwargs):
+        return real_empty_like(t, *args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(clear_triton.torch, "empty_like", nan_empty_like)
+
+
+def _run(B, H, D, T, h, w, r, d=1, dtype=torch.float32, sw_shape=None):
+    L = T + h * w
+    q, k, v = (torch.randn(B, H, L, D, device=DEVICE).to(dtype) for _ in range(3))
+    sw = None
+    if d > 1:
+        sw = torch.rand(d, d) * 2 / (d * d)
+        if sw_shape == "published":
+            sw = sw.reshape(1, 1, 1, d, 1, d, 1)
+    out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=d, spatial_weight=sw,
+                          backend="triton")
+    assert out.shape == q.shape and out.dtype == dtype
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) output elements"
+    err = rel_err(out.cpu(), clear_oracle(q.cpu(), k.cpu(), v.cpu(), T, (h, w), r, d, sw))
+    assert err < TOL[dtype], err
+
+
+# (batch, heads, head_dim, text_len, h, w, window, down_factor)
+@pytest.mark.parametrize("B,H,D,T,h,w,r,d", [
+    (1, 2, 16, 5, 6, 6, 3, 1),
+    (2, 1, 32, 3, 5, 7, 2, 1),     # batch 2, odd non-square grid
+    (1, 1, 16, 0, 9, 1, 4, 1),     # one column, no text
+    (1, 1, 16, 7, 1, 9, 4, 1),     # one row, odd text
+    (1, 1, 16, 2, 3, 3, 1, 1),     # r = 1: only itself
+    (1, 1, 16, 4, 4, 5, 30, 1),    # r beyond the grid
+    (1, 1, 16, 4, 11, 19, 5, 1),   # several tiles, ragged edges
+    (1, 2, 16, 4, 8, 8, 3, 2),     # pooled keys, divisible
+    (1, 1, 32, 0, 10, 7, 3, 4),    # pooled, not divisible, no text
+    (1, 1, 64, 6, 5, 5, 2, 2),
+])
+def test_triton_matches_oracle_fp32(poisoned_output, B, H, D, T, h, w, r, d):
+    _run(B, H, D, T, h, w, r, d, torch.float32, sw_shape="published" if d == 2 else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,D,T,h,w,r,d", [
+    (1, 2, 16, 4, 10, 20, 5, 4),
+    (2, 1, 32, 3, 7, 5, 2, 1),
+])
+def test_triton_matches_oracle_half(poisoned_output, dtype, B, H, D, T, h, w, r, d):
+    _run(B, H, D, T, h, w, r, d, dtype)
+
+
+def test_head_dim_128(poisoned_output):
+    _run(1, 1, 128, 3, 3, 4, 2, 1, torch.float32)
+
+
+def test_far_keys_do_not_leak(poisoned_output):
+    """A huge value at a key outside the query's disc must not change its
+    output; one just inside must."""
+    D, h, w, r = 16, 12, 12, 3
+    q = torch.randn(1, 1, h * w, D, device=DEVICE) * 0.1
+    k = torch.randn_like(q) * 0.1
+    v = torch.randn_like(q)
+    base = clear_attention(q, k, v, text_len=0, grid=(h, w), window=r, backend="triton")
+    centre = 5 * w + 5
+    far = v.clone()
+    far[0, 0, centre + 3] = 1e4           # distance exactly r: outside
+    far[0, 0, centre + 2 * w + 3] = 1e4   # distance^2 = 13 >= 9: outside
+    out = clear_attention(q, k, far, text_len=0, grid=(h, w), window=r, backend="triton")
+    assert torch.equal(out[0, 0, centre], base[0, 0, centre])
+    near = v.clone()
+    near[0, 0, centre + 2 * w + 2] = 1e4  # distance^2 = 8 < 9: inside
+    out = clear_attention(q, k, near, text_len=0, grid=(h, w), window=r, backend="triton")
+    assert (out[0, 0, centre] - base[0, 0, centre]).abs().max() > 1.0
+
+
+def test_strided_inputs(poisoned_output):
+    """q, k, v as (B, L, H, D) memory viewed as (B, H, L, D), as attention code often passes them."""
+    B, H, D, T, h, w, r = 1, 2, 16, 3, 5, 6, 2
+    L = T + h * w
+    q, k, v = (torch.randn(B, L, H, D, device=DEVICE).transpose(1, 2) for _ in range(3))
+    out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, backend="triton")
+    assert rel_err(out.cpu(), clear_oracle(q.cpu(), k.cpu(), v.cpu(), T, (h, w), r)) < 1e-5
+
+
+def test_unsupported_head_dim_is_a_clear_error():
+    q = torch.randn(1, 1, 4 + 4, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim"):
+        clear_attention(q, q, q, text_len=4, grid=(2, 2), window=2, backend="triton")
