@@ -1,0 +1,258 @@
+"""The "CLEAR Attention Patch" node: FLUX model in, CLEAR model out.
+
+Everything goes through ComfyUI's own patch mechanisms on a clone, so the
+user's model is never modified:
+
+- weights: the distilled q/k/v/out projections become weight patches placed
+  first on each key (``weights.apply_clear_weights``), so LoRAs land on top;
+- a DIFFUSION_MODEL wrapper reads the token layout of every call (text length
+  from the context, token grid from the latent) and refuses inputs CLEAR
+  cannot place (reference latents);
+- ``patches_replace["dit"]`` block wrappers mark the FLUX blocks and carry
+  each layer's settings (radius, pooling weights, scale) in a copy of
+  ``transformer_options``;
+- ``optimized_attention_override`` runs ``clear_attention`` for attention
+  calls inside marked blocks and hands every other call (ControlNet, other
+  models, other extensions) to the attention ComfyUI would have used;
+- RoPE NTK scaling is an object patch of ``diffusion_model.pe_embedder``.
+"""
+
+import functools
+import logging
+import math
+
+from .weights import (TRAINING_FREE, apply_clear_weights, load_clear_weights, resolve_weight_file,
+                      training_setting, weight_choices)
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEY = "comfyui_clear"
+TRAIN_TOKENS = 64 * 64 + 512  # sequence length FLUX/CLEAR were trained at (1024 px, 512 text tokens)
+TRAINING_FREE_DEFAULT = (16, 1)
+_warned = set()
+
+
+class CLEARPatchError(ValueError):
+    """The model or the inputs cannot run with CLEAR; the message says what to change."""
+
+
+def _warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def attention_scale(head_dim, text_len, grid, down_factor, proportional):
+    """1/sqrt(head_dim), or CLEAR's proportional-attention scale for long sequences:
+    sqrt(log_{4608}(c * L) / head_dim), L = text + image keys, c = 10 with pooled keys."""
+    if not proportional:
+        return 1.0 / math.sqrt(head_dim)
+    keys = text_len + grid[0] * grid[1]
+    c = 10 if down_factor > 1 else 1
+    return math.sqrt(math.log(c * keys) / math.log(TRAIN_TOKENS) / head_dim)
+
+
+# ---------------------------------------------------------------------------
+# Run-time hooks (plain functions bound with functools.partial: ComfyUI
+# deep-copies model_options when a model is cloned)
+
+def _layout_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                    transformer_options={}, **kwargs):
+    """DIFFUSION_MODEL wrapper: record [text | image grid] of this call."""
+    if ref_latents:
+        raise CLEARPatchError(
+            "CLEAR does not support reference latents (FLUX Kontext-style image inputs): their tokens sit "
+            "outside the image grid. Use the model without the CLEAR Attention Patch for Kontext edits.")
+    p = executor.class_obj.patch_size
+    grid = ((x.shape[-2] + p // 2) // p, (x.shape[-1] + p // 2) // p)  # as Flux.process_img pads
+    transformer_options = {**transformer_options, "clear_tokens": (context.shape[1], grid)}
+    return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+
+
+def _clear_block(args, extra, *, layer, previous=None):
+    """patches_replace["dit"] wrapper: run the block with this layer's CLEAR settings."""
+    options = dict(args.get("transformer_options") or {})
+    options["clear_layer"] = layer
+    args = {**args, "transformer_options": options}
+    if previous is not None:
+        return previous(args, extra)
+    return extra["original_block"](args)
+
+
+def _clear_attention_override(func, *args, previous=None, **kwargs):
+    """optimized_attention_override: CLEAR inside our blocks, ``func`` elsewhere."""
+    options = kwargs.get("transformer_options") or {}
+    layer = options.get("clear_layer")
+    tokens = options.get("clear_tokens")
+    if layer is None or tokens is None:
+        if previous is not None:
+            return previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    from ..kernels import clear_attention
+
+    q, k, v, heads = args[:4]
+    text_len, grid = tokens
+    if kwargs.get("mask") is not None:
+        raise CLEARPatchError("CLEAR cannot combine its local attention with an attention mask from the "
+                              "conditioning; remove the mask or the CLEAR Attention Patch.")
+    if not kwargs.get("skip_reshape", False):  # (B, L, H*D) -> (B, H, L, D)
+        b, _, inner = q.shape
+        q, k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
+    if q.shape[2] != text_len + grid[0] * grid[1]:
+        raise CLEARPatchError(
+            f"CLEAR expected {text_len} text + {grid[0]}x{grid[1]} image tokens in a FLUX block but got "
+            f"{q.shape[2]}: another node adds tokens (e.g. reference images, IP-Adapter-style tokens), "
+            "which CLEAR's local mask cannot place. Remove that node or the CLEAR Attention Patch.")
+    scale = attention_scale(q.shape[-1], text_len, grid, layer["down_factor"], layer["proportional"])
+    out = clear_attention(q, k, v, text_len=text_len, grid=grid, window=layer["window"],
+                          down_factor=layer["down_factor"], spatial_weight=layer["spatial_weight"], scale=scale)
+    if kwargs.get("skip_output_reshape", False):
+        return out
+    b, h, length, d = out.shape
+    return out.transpose(1, 2).reshape(b, length, h * d)
+
+
+def _unwrap(obj, func):
+    """A previous patch of ours is replaced, not stacked (a second CLEAR node)."""
+    while isinstance(obj, functools.partial) and obj.func is func:
+        obj = obj.keywords.get("previous")
+    return obj
+
+
+# ---------------------------------------------------------------------------
+# Patching
+
+def _flux_model(model):
+    import comfy.ldm.flux.model
+
+    diffusion_model = model.get_model_object("diffusion_model")
+    if not isinstance(diffusion_model, comfy.ldm.flux.model.Flux):
+        raise CLEARPatchError(
+            f"CLEAR Attention Patch needs a FLUX.1 model (dev, schnell, fine-tunes, Fill/Depth/Canny); "
+            f"got {type(diffusion_model).__name__}. Connect the output of a FLUX model loader.")
+    return diffusion_model
+
+
+def _settings(weights, window_size, down_factor, file_down_factor):
+    """(window, down_factor) to run with; 0 means what the file was trained with."""
+    trained = TRAINING_FREE_DEFAULT if weights == TRAINING_FREE else training_setting(weights)
+    if trained is None:
+        if window_size == 0:
+            raise CLEARPatchError(
+                f"The radius CLEAR file '{weights}' was trained with is unknown (its name is not "
+                "clear_local_<r>[_down_<d>] and it has no window_size metadata): set window_size.")
+        trained = (window_size, file_down_factor)
+    window = window_size or trained[0]
+    down = down_factor or (file_down_factor if weights != TRAINING_FREE else trained[1])
+    if weights != TRAINING_FREE and (window, down) != (trained[0], file_down_factor):
+        _warn_once(f"CLEAR: '{weights}' was trained with window_size={trained[0]}, down_factor={file_down_factor}; "
+                   f"running it with window_size={window}, down_factor={down} (quality may drop).")
+    return window, down
+
+
+def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down_factor=0,
+                proportional_attention=False, rope_ntk_factor=1.0):
+    """Return a clone of ``model`` (a ComfyUI ModelPatcher of FLUX) running CLEAR."""
+    diffusion_model = _flux_model(model)
+    if rope_ntk_factor < 1.0 or not math.isfinite(rope_ntk_factor):
+        raise CLEARPatchError(f"rope_ntk_factor must be >= 1.0 (1.0 = off), got {rope_ntk_factor}")
+    if window_size < 0 or down_factor < 0:
+        raise CLEARPatchError("window_size and down_factor must be >= 0 (0 = the file's setting)")
+
+    clear_weights = None
+    file_down = 1
+    if weights != TRAINING_FREE:
+        clear_weights = load_clear_weights(resolve_weight_file(weights), model)  # validates, no side effects
+        file_down = clear_weights.down_factor
+    window, down = _settings(weights, window_size, down_factor, file_down)
+
+    m = model.clone()
+    if clear_weights is not None:
+        apply_clear_weights(m, clear_weights)
+        if down > 1 and file_down == 1:
+            _warn_once(f"CLEAR: '{weights}' has no pooling weights; down_factor={down} uses mean pooling.")
+        elif down == 1 and file_down > 1:
+            _warn_once(f"CLEAR: down_factor=1 ignores the pooling weights of '{weights}'.")
+
+    def layer(kind, index):
+        sw = None
+        if clear_weights is not None and down == file_down:
+            sw = clear_weights.spatial_weights.get((kind, index))
+        return {"window": window, "down_factor": down, "spatial_weight": sw, "proportional": proportional_attention}
+
+    options = m.model_options.setdefault("transformer_options", {})
+    dit = options.get("patches_replace", {}).get("dit", {})
+    for kind, blocks in (("double", diffusion_model.double_blocks), ("single", diffusion_model.single_blocks)):
+        for i in range(len(blocks)):
+            previous = _unwrap(dit.get((f"{kind}_block", i)), _clear_block)
+            m.set_model_patch_replace(functools.partial(_clear_block, layer=layer(kind, i), previous=previous),
+                                      "dit", f"{kind}_block", i)
+    options = m.model_options["transformer_options"]
+    previous = _unwrap(options.get("optimized_attention_override"), _clear_attention_override)
+    options["optimized_attention_override"] = functools.partial(_clear_attention_override, previous=previous)
+
+    import comfy.patcher_extension
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _layout_wrapper)
+
+    if rope_ntk_factor != 1.0:
+        from comfy.ldm.flux.layers import EmbedND
+        base = diffusion_model.pe_embedder  # the model's own, never a patched one: factors don't compound
+        embedder = EmbedND(dim=base.dim, theta=base.theta * rope_ntk_factor, axes_dim=list(base.axes_dim))
+        embedder.clear_ntk_factor = rope_ntk_factor
+        m.add_object_patch("diffusion_model.pe_embedder", embedder)
+    elif hasattr(m.object_patches.get("diffusion_model.pe_embedder"), "clear_ntk_factor"):
+        del m.object_patches["diffusion_model.pe_embedder"]  # an earlier CLEAR node's NTK patch
+    log.info("CLEAR: %s, window_size=%d, down_factor=%d, proportional_attention=%s, rope_ntk_factor=%g",
+             weights, window, down, proportional_attention, rope_ntk_factor)
+    return m
+
+
+# ---------------------------------------------------------------------------
+# The node
+
+class CLEARAttentionPatch:
+    DESCRIPTION = (
+        "Makes every attention layer of a FLUX.1 model run CLEAR local attention: each image token attends "
+        "to the image tokens within a radius (in 16 px tokens), to all text tokens, and in the _down_4 variants "
+        "to a pooled copy of the image. Loads the distilled CLEAR weights (downloaded from the Hugging Face Hub "
+        "into models/clear on first use) as weight patches, so LoRAs stack in either order. For 2K-8K images; "
+        "a ControlNet's own attention stays full (its weights were not distilled for CLEAR).")
+    CATEGORY = "advanced/attention"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A FLUX.1 model (dev, schnell, fine-tunes, Fill/Depth/Canny)."}),
+            "weights": (weight_choices(), {
+                "default": "clear_local_16.safetensors",
+                "tooltip": "Distilled CLEAR weights from models/clear (the published files download on first "
+                           "use). clear_local_<r>: radius r; _down_4: plus 4x4 pooled tokens. "
+                           "'none (training-free)' keeps the model's own weights."}),
+            "window_size": ("INT", {
+                "default": 0, "min": 0, "max": 256,
+                "tooltip": "Radius r in tokens (1 token = 16 px). 0 = the radius the weights were trained "
+                           "with (training-free: 16)."}),
+            "down_factor": ("INT", {
+                "default": 0, "min": 0, "max": 16,
+                "tooltip": "Pool d x d blocks of image tokens into extra keys every token sees. 0 = the "
+                           "weights' setting (training-free: 1 = off)."}),
+            "proportional_attention": ("BOOLEAN", {
+                "default": False,
+                "tooltip": "Scale attention logits with the token count (CLEAR's high-resolution recipe; "
+                           "on for 4K-8K)."}),
+            "rope_ntk_factor": ("FLOAT", {
+                "default": 1.0, "min": 1.0, "max": 100.0, "step": 0.1,
+                "tooltip": "Multiply the rotary position base (NTK scaling). 1.0 = off; the high-resolution "
+                           "recipe uses 10."}),
+        }}
+
+    def patch(self, model, weights, window_size, down_factor, proportional_attention, rope_ntk_factor):
+        return (patch_model(model, weights, window_size, down_factor, proportional_attention, rope_ntk_factor),)
+
+
+NODE_CLASS_MAPPINGS = {"CLEARAttentionPatch": CLEARAttentionPatch}
+NODE_DISPLAY_NAME_MAPPINGS = {"CLEARAttentionPatch": "CLEAR Attention Patch"}
