@@ -73,3 +73,37 @@ def write_clear_file(path, down_factor=1, seed=1, dtype=torch.bfloat16, **dims):
     sd = clear_state_dict(down_factor=down_factor, seed=seed, dtype=dtype, **dims)
     save_file(sd, str(path))
     return sd
+
+
+def flux_full_width_shapes(depth=1, depth_single=1, guidance_embed=True):
+    """Key -> shape of a FLUX.1 diffusion model at the real width (3072, what
+    ComfyUI's model detection assumes) with few blocks, from ComfyUI's class
+    built on the meta device (no memory)."""
+    import comfy.ldm.flux.model
+    import comfy.ops
+
+    config = tiny_unet_config(hidden=3072, heads=24, depth=depth, depth_single=depth_single,
+                              guidance_embed=guidance_embed)
+    config.update(context_in_dim=4096, vec_in_dim=768, axes_dim=[16, 56, 56])
+    config.pop("image_model")
+    model = comfy.ldm.flux.model.Flux(device="meta", operations=comfy.ops.disable_weight_init, **config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def write_flux_checkpoint(path, depth=1, depth_single=1, dtype=torch.float8_e4m3fn, seed=0):
+    """A FLUX.1 diffusion-model file (BFL key names, as in diffusion_models/)
+    that ComfyUI's UNETLoader detects and loads: real width, few blocks,
+    random weights of std 1/sqrt(fan_in)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in flux_full_width_shapes(depth, depth_single).items():
+        if key.endswith(".scale"):
+            t = torch.ones(shape)
+        elif len(shape) > 1:
+            t = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+        else:
+            t = torch.zeros(shape)
+        sd[key] = t.to(dtype if len(shape) > 1 else torch.bfloat16)
+    save_file(sd, str(path))
