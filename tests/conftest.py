@@ -31,4 +31,7 @@ def comfyui():
     import comfy.cli_args
     comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
     import comfy.model_management  # noqa: F401
+    # ComfyUI's own `utils` package must win over comfy/utils.py, which
+    # nodes.py puts on sys.path (main.py imports it first for the same reason).
+    import utils.install_util  # noqa: F401
     return path

@@ -1,0 +1,307 @@
+"""The bundled workflows: well-formed UI graphs (no ComfyUI needed), valid
+prompts for a real ComfyUI with this package loaded, and executed end to end
+through ComfyUI's executor with test-sized model files."""
+
+import asyncio
+import copy
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+WORKFLOW_DIR = os.path.join(REPO_ROOT, "workflows")
+NAMES = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json"))
+UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+
+
+def _load(name):
+    with open(os.path.join(WORKFLOW_DIR, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_graph(workflow):
+    """Problems in a UI-format graph's structure (links, slots, types)."""
+    problems = []
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, type_ in workflow["links"]:
+        if src not in nodes or dst not in nodes:
+            problems.append(f"link {link_id} joins missing nodes {src} -> {dst}")
+            continue
+        outputs, inputs = nodes[src]["outputs"], nodes[dst]["inputs"]
+        if src_slot >= len(outputs) or link_id not in (outputs[src_slot].get("links") or []):
+            problems.append(f"link {link_id}: output slot {src_slot} of node {src} does not list it")
+        elif outputs[src_slot]["type"] != type_:
+            problems.append(f"link {link_id}: output type {outputs[src_slot]['type']} != {type_}")
+        if dst_slot >= len(inputs) or inputs[dst_slot].get("link") != link_id:
+            problems.append(f"link {link_id}: input slot {dst_slot} of node {dst} does not hold it")
+        elif inputs[dst_slot]["type"] != type_:
+            problems.append(f"link {link_id}: input type {inputs[dst_slot]['type']} != {type_}")
+    return problems
+
+
+def test_workflow_set():
+    assert NAMES == ["clear_flux_1k.json", "clear_flux_4k.json", "clear_flux_4k_controlnet.json",
+                     "clear_flux_4k_lora.json", "clear_flux_8k.json"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_is_a_wellformed_ui_graph(name):
+    wf = _load(name)
+    assert wf["version"] == 0.4 and wf["last_node_id"] == max(n["id"] for n in wf["nodes"])
+    assert check_graph(wf) == []
+    types = [n["type"] for n in wf["nodes"]]
+    assert "CLEARAttentionPatch" in types and "SaveImage" in types
+    notes = [n for n in wf["nodes"] if n["type"] == "MarkdownNote"]
+    assert notes and "ComfyUI/models/" in notes[0]["widgets_values"][0]
+
+
+def test_graph_checker_catches_broken_links():
+    wf = _load("clear_flux_4k.json")
+    broken = copy.deepcopy(wf)
+    broken["links"][0][5] = "IMAGE" if broken["links"][0][5] != "IMAGE" else "LATENT"
+    assert check_graph(broken)
+    broken = copy.deepcopy(wf)
+    broken["links"][1][3] = 999
+    assert check_graph(broken)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_json_is_what_build_py_writes(name):
+    spec = importlib.util.spec_from_file_location("clear_workflow_build", os.path.join(WORKFLOW_DIR, "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    with open(os.path.join(WORKFLOW_DIR, name), encoding="utf-8") as f:
+        assert f.read() == build.render(name), "run: python workflows/build.py"
+
+
+# ---------------------------------------------------------------------------
+# With ComfyUI
+
+MODEL_FILES = {
+    "diffusion_models": ["flux1-dev.safetensors"],
+    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+    "vae": ["ae.safetensors"],
+    "loras": ["my_flux_lora.safetensors"],
+    "controlnet": ["FLUX.1-dev-ControlNet-Union-Pro.safetensors"],
+    "clear": ["clear_local_16.safetensors"],
+}
+
+
+@pytest.fixture(scope="module")
+def comfy(comfyui, tmp_path_factory):
+    """ComfyUI's node registry with the core extras and this package loaded as
+    ComfyUI loads a custom node; model folders in a temp dir."""
+    import folder_paths
+    import nodes
+
+    base = tmp_path_factory.mktemp("wf_models")
+    for folder, files in MODEL_FILES.items():
+        (base / folder).mkdir()
+        folder_paths.add_model_folder_path(folder, str(base / folder), is_default=True)
+        for f in files:
+            (base / folder / f).touch()
+    custom = tmp_path_factory.mktemp("custom_nodes")
+    os.symlink(REPO_ROOT, custom / "ComfyUI-CLEAR")
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(nodes.init_builtin_extra_nodes())
+    assert loop.run_until_complete(nodes.load_custom_node(str(custom / "ComfyUI-CLEAR")))
+    assert "CLEARAttentionPatch" in nodes.NODE_CLASS_MAPPINGS
+    yield nodes, base, loop
+    loop.close()
+
+
+def _object_info(nodes):
+    info = {}
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        inputs = cls.INPUT_TYPES()
+        info[name] = {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()},
+                      "output": list(getattr(cls, "RETURN_TYPES", ())),
+                      "output_node": getattr(cls, "OUTPUT_NODE", False)}
+    return info
+
+
+def to_api(nodes, workflow):
+    """The frontend's UI -> API conversion (comfy-cli's implementation)."""
+    from comfy_cli.workflow_to_api import convert_ui_to_api
+
+    unknown = {n["type"] for n in workflow["nodes"]} - set(nodes.NODE_CLASS_MAPPINGS) - UI_ONLY
+    if unknown:
+        raise ValueError(f"unknown node types {sorted(unknown)}")
+    info = _object_info(nodes)
+    for n in workflow["nodes"]:  # every linked input must be an input of the node
+        if n["type"] in info:
+            known = {k for section in info[n["type"]]["input_order"].values() for k in section}
+            if bad := {i["name"] for i in n["inputs"]} - known:
+                raise ValueError(f"node {n['id']} {n['type']}: no inputs named {sorted(bad)}")
+    return convert_ui_to_api(workflow, info)
+
+
+def validate(loop, prompt):
+    import execution
+
+    return loop.run_until_complete(execution.validate_prompt("test", prompt, None))
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_is_a_valid_prompt_in_real_comfyui(comfy, name):
+    nodes, _, loop = comfy
+    prompt = to_api(nodes, _load(name))
+    assert any(v["class_type"] == "CLEARAttentionPatch" for v in prompt.values())
+    valid, error, outputs, node_errors = validate(loop, prompt)
+    assert valid, (error, node_errors)
+    assert outputs
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("mutation", ["node_type", "input_name", "model_file", "widget_value"])
+def test_validation_catches_broken_workflows(comfy, mutation):
+    nodes, _, loop = comfy
+    wf = _load("clear_flux_4k.json")
+    clear = next(n for n in wf["nodes"] if n["type"] == "CLEARAttentionPatch")
+    if mutation == "node_type":
+        clear["type"] = "CLEARAttentionPatchV2"
+    elif mutation == "input_name":
+        clear["inputs"][0]["name"] = "unet"
+    elif mutation == "model_file":
+        next(n for n in wf["nodes"] if n["type"] == "VAELoader")["widgets_values"] = ["missing_vae.safetensors"]
+    else:
+        clear["widgets_values"][1] = -3  # window_size below its minimum
+    try:
+        prompt = to_api(nodes, wf)
+    except ValueError:
+        return
+    valid, *_ = validate(loop, prompt)
+    assert not valid
+
+
+# ---------------------------------------------------------------------------
+# Execution with test-sized files
+
+class _TestConditioning:
+    """Stands in for DualCLIPLoader + CLIPTextEncode: FLUX's T5-XXL has a fixed
+    4.7B-parameter architecture, too big to build at test size on a CPU."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tokens": ("INT", {"default": 8})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+
+    def make(self, tokens):
+        gen = torch.Generator().manual_seed(tokens)
+        return ([[torch.randn(1, tokens, 4096, generator=gen) * 0.5,
+                  {"pooled_output": torch.randn(1, 768, generator=gen)}]],)
+
+
+def _write_vae(path):
+    """A FLUX VAE file with random weights: ComfyUI detects the architecture from the keys."""
+    import comfy.ldm.models.autoencoder
+    from safetensors.torch import save_file
+
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    vae = comfy.ldm.models.autoencoder.AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    gen = torch.Generator().manual_seed(1)
+    sd = {}
+    for k, v in vae.state_dict().items():  # scaled like a trained net, so nothing overflows
+        if v.dim() > 1:
+            v = torch.randn(v.shape, generator=gen) / (v[0].numel() ** 0.5)
+        else:
+            v = torch.ones(v.shape) if "norm" in k and k.endswith("weight") else torch.zeros(v.shape)
+        sd[k] = v.to(torch.bfloat16).contiguous()
+    save_file(sd, str(path))
+
+
+@pytest.fixture(scope="module")
+def runnable(comfy):
+    """Real files: a FLUX at the real width with 1 double + 1 single block (fp8),
+    CLEAR weights for it, a FLUX VAE, and a LoRA for it."""
+    import flux_tiny
+    from safetensors.torch import save_file
+
+    nodes, base, loop = comfy
+    flux_tiny.write_flux_checkpoint(base / "diffusion_models" / "flux1-dev.safetensors")
+    flux_tiny.write_clear_file(base / "clear" / "clear_local_16.safetensors", hidden=3072, depth=1, depth_single=1)
+    _write_vae(base / "vae" / "ae.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    lora = {}
+    for module, rows in (("double_blocks_0_img_attn_qkv", 9216), ("single_blocks_0_linear1", 21504)):
+        lora[f"lora_unet_{module}.lora_up.weight"] = torch.randn(rows, 4, generator=gen) * 0.01
+        lora[f"lora_unet_{module}.lora_down.weight"] = torch.randn(4, 3072, generator=gen) * 0.01
+    save_file(lora, str(base / "loras" / "my_flux_lora.safetensors"))
+    nodes.NODE_CLASS_MAPPINGS["TestFluxConditioning"] = _TestConditioning
+    yield comfy
+    del nodes.NODE_CLASS_MAPPINGS["TestFluxConditioning"]
+
+
+def _shrink(prompt, base_size, target):
+    """Test sizes: tiny images, 2 steps; text encoders replaced (see _TestConditioning)."""
+    for node_id, node in list(prompt.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "DualCLIPLoader":
+            del prompt[node_id]
+        elif kind == "CLIPTextEncode":
+            prompt[node_id] = {"class_type": "TestFluxConditioning", "inputs": {"tokens": 8}}
+        elif kind == "EmptySD3LatentImage":
+            inputs.update(width=base_size, height=base_size)
+        elif kind == "ImageScale":
+            inputs.update(width=target, height=target)
+        elif kind == "KSampler":
+            inputs["steps"] = 2 if inputs["denoise"] == 1.0 else 3  # 0.7 of 3 -> 2 steps run
+        elif kind in ("VAEEncodeTiled", "VAEDecodeTiled"):
+            inputs.update(tile_size=128, overlap=32)
+        elif kind == "SaveImage":
+            inputs["filename_prefix"] = "clear_test/" + inputs["filename_prefix"]
+    return prompt
+
+
+def _execute(nodes, prompt):
+    import execution
+    import folder_paths
+
+    class Server:
+        client_id = None
+        last_node_id = None
+        sockets_metadata = {}
+
+        def send_sync(self, *args, **kwargs):
+            pass
+
+    executor = execution.PromptExecutor(Server())
+    outputs = [k for k, v in prompt.items() if getattr(nodes.NODE_CLASS_MAPPINGS[v["class_type"]], "OUTPUT_NODE", False)]
+    executor.execute(prompt, "test-prompt", {}, outputs)
+    assert executor.success, executor.status_messages[-1:]
+    return executor.history_result["outputs"], folder_paths.get_output_directory()
+
+
+@pytest.mark.comfyui
+@pytest.mark.slow
+@pytest.mark.parametrize("name,base_size,target", [
+    ("clear_flux_1k.json", 64, None),
+    ("clear_flux_4k.json", 64, 160),
+    ("clear_flux_4k_lora.json", 64, 128),
+])
+def test_workflow_executes_at_test_size(runnable, name, base_size, target):
+    from PIL import Image
+
+    nodes, _, loop = runnable
+    prompt = _shrink(to_api(nodes, _load(name)), base_size, target)
+    valid, error, _, node_errors = validate(loop, prompt)
+    assert valid, (error, node_errors)
+    outputs, out_dir = _execute(nodes, prompt)
+    saved = [img for out in outputs.values() for img in out.get("images", [])]
+    assert len(saved) == 1
+    image = Image.open(os.path.join(out_dir, saved[0]["subfolder"], saved[0]["filename"]))
+    assert image.size == (target or base_size,) * 2
+    import numpy as np
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))
+    assert pixels.std() > 1.0, "a flat image: NaN or zeros somewhere in the graph"
