@@ -1,0 +1,90 @@
+"""Shared by the benchmarks: exact FLOP counts, timing, result files."""
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
+
+
+def local_pairs(h, w, r):
+    """Exact number of (image query, image key) pairs with distance^2 < r^2 on an
+    h x w grid: each offset (dy, dx) of the disc occurs (h-|dy|)(w-|dx|) times."""
+    total = 0
+    for dy in range(-(r - 1), r):
+        if abs(dy) >= h:
+            continue
+        dx_max = math.isqrt(r * r - 1 - dy * dy)
+        for dx in range(-dx_max, dx_max + 1):
+            if abs(dx) < w:
+                total += (h - abs(dy)) * (w - abs(dx))
+    return total
+
+
+def pooled_count(h, w, d):
+    return 0 if d <= 1 else -(-h // d) * -(-w // d)
+
+
+def clear_flops(batch, heads, head_dim, text_len, h, w, r, d=1):
+    """FLOPs CLEAR must do (QK^T and PV, 2 each per pair and channel): text rows
+    see T + N keys, image rows see T text keys, their disc and the pooled keys."""
+    n = h * w
+    pairs = text_len * (text_len + n) + n * text_len + local_pairs(h, w, r) + n * pooled_count(h, w, d)
+    return 4 * batch * heads * head_dim * pairs
+
+
+def dense_flops(batch, heads, head_dim, text_len, h, w):
+    seq = text_len + h * w
+    return 4 * batch * heads * head_dim * seq * seq
+
+
+def time_ms(fn, repeats=20):
+    """Median milliseconds of fn(): CUDA events through triton.testing.do_bench on
+    a GPU (warm-up excluded), wall clock on the CPU."""
+    if torch.cuda.is_available():
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=max(100, repeats * 10), return_mode="median")
+    fn()  # warm-up
+    times = []
+    for _ in range(max(3, repeats // 4)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def environment():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__, "triton": triton_version, "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+    }
+
+
+def write_results(kind, payload, out=None):
+    env = payload["environment"]
+    slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")[:40]
+    path = out or os.path.join(RESULTS, f"{kind}-{slug}-{env['date'][:10]}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path

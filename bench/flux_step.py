@@ -1,0 +1,183 @@
+"""Benchmark: one FLUX.1-dev-sized denoising step through ComfyUI's own Flux
+model code, unpatched (dense attention) vs patched with the CLEAR Attention
+Patch node, at 4K and 8K.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/flux_step.py                 # full model, 4K and 8K
+    COMFYUI_PATH=/path/to/ComfyUI python bench/flux_step.py --blocks one    # one double + one single block, composed
+    COMFYUI_PATH=/path/to/ComfyUI python bench/flux_step.py --tiny          # CPU smoke run (not a benchmark)
+
+Weights are random (timing only), bf16; CLEAR runs training-free with
+window r (the distilled weights change no shape or FLOP). ``--blocks one``
+times one double and one single block at the real shapes and composes
+19 x double + 38 x single (embedders and final layer, under 0.1% of a step,
+are left out) for devices whose command time limit a full 8K step exceeds.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, time_ms, write_results  # noqa: E402
+
+FULL = dict(hidden=3072, heads=24, depth=19, depth_single=38)
+TINY = dict(hidden=256, heads=2, depth=2, depth_single=2)
+
+
+def comfy_import(path):
+    if not path or not os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")):
+        sys.exit("ComfyUI not found: pass --comfyui PATH or set COMFYUI_PATH to a ComfyUI checkout")
+    sys.path.insert(0, path)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = not torch.cuda.is_available()
+    import utils.install_util  # noqa: F401  (ComfyUI's utils package before comfy/utils.py)
+
+
+def build_model(dims, device, dtype):
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    head_dim = dims["hidden"] // dims["heads"]
+    axes = [16, 56, 56] if head_dim == 128 else [head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8]
+    config = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+              "context_in_dim": 4096, "hidden_size": dims["hidden"], "mlp_ratio": 4.0, "num_heads": dims["heads"],
+              "depth": dims["depth"], "depth_single_blocks": dims["depth_single"], "axes_dim": axes,
+              "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+    model_config = comfy.supported_models.Flux(config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, p.shape[1] ** -0.5)
+            else:
+                p.fill_(1.0 if name.endswith(".scale") else 0.0)
+    model.to(device=device, dtype=dtype).eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device(device))
+
+
+def options_of(patcher):
+    """transformer_options as ComfyUI's sampler hands them to the model
+    (the patcher's wrappers merged in)."""
+    import comfy.patcher_extension
+
+    options = dict(patcher.model_options.get("transformer_options", {}))
+    options["wrappers"] = {}
+    comfy.patcher_extension.merge_nested_dicts(options["wrappers"], patcher.wrappers, copy_dict1=False)
+    return options
+
+
+def count_clear_calls():
+    """Wrap the op so the benchmark can prove CLEAR really ran."""
+    import comfyui_clear.kernels as kernels
+
+    calls = [0]
+    op = kernels.clear_attention
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return op(*args, **kwargs)
+
+    kernels.clear_attention = counted
+    return calls
+
+
+def step_inputs(image_px, text_len, device, dtype, batch=1):
+    latent = image_px // 8
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 16, latent, latent, device=device, dtype=dtype, generator=gen)
+    context = torch.randn(batch, text_len, 4096, device=device, dtype=dtype, generator=gen)
+    y = torch.randn(batch, 768, device=device, dtype=dtype, generator=gen)
+    t = torch.full((batch,), 0.5, device=device, dtype=dtype)
+    guidance = torch.full((batch,), 3.5, device=device, dtype=dtype)
+    return x, t, context, y, guidance
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
+    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192], help="image sides in px")
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--down", type=int, default=1)
+    p.add_argument("--text", type=int, default=512)
+    p.add_argument("--blocks", choices=["full", "one"], default="full")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model and image")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    comfy_import(args.comfyui)
+    from comfyui_clear.nodes.clear_patch import CLEARAttentionPatch
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    dims = FULL
+    if args.tiny or not cuda:
+        dims, args.sizes, args.text, args.window = TINY, [128, 192], 8, 4
+        print("CPU SMOKE RUN: tiny FLUX and images; not a benchmark (needs a CUDA GPU)", flush=True)
+    calls = count_clear_calls()
+    node = CLEARAttentionPatch()
+
+    def time_model(model_dims, x, t, context, y, guidance):
+        """(dense ms, CLEAR ms, dense peak GiB, CLEAR peak GiB) of one forward."""
+        model = build_model(model_dims, device, dtype)
+        (patched,) = getattr(node, node.FUNCTION)(model, "none (training-free)", args.window, args.down, True, 1.0)
+        dm = model.model.diffusion_model
+        result = {}
+        for name, patcher in (("dense", model), ("clear", patched)):
+            options = options_of(patcher)
+            with torch.no_grad():
+                run = lambda: dm(x, t, context, y, guidance, transformer_options=options)  # noqa: E731
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                before = calls[0]
+                out = run()
+                if name == "clear" and model_dims["depth"] + model_dims["depth_single"] and calls[0] == before:
+                    sys.exit("the CLEAR patch did not run: its wrappers/override are not active")
+                if not torch.isfinite(out).all():
+                    sys.exit(f"{name} forward produced non-finite values")
+                result[name] = time_ms(run, args.repeats)
+                result[name + "_peak"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        del model, patched, dm
+        return result
+
+    rows = []
+    for size in args.sizes:
+        inputs = step_inputs(size, args.text, device, dtype)
+        row = {"image_px": size, "grid": size // 16, "window": args.window, "down_factor": args.down,
+               "text_len": args.text, "blocks": args.blocks, "dims": dims}
+        if args.blocks == "full":
+            r = time_model(dims, *inputs)
+        else:  # step = rest + 19 double + 38 single, each timed on its own model
+            rest = time_model({**dims, "depth": 0, "depth_single": 0}, *inputs)
+            double = time_model({**dims, "depth": 1, "depth_single": 0}, *inputs)
+            single = time_model({**dims, "depth": 0, "depth_single": 1}, *inputs)
+            r = {}
+            for name in ("dense", "clear"):
+                row[f"{name}_double_block_ms"] = double[name] - rest[name]
+                row[f"{name}_single_block_ms"] = single[name] - rest[name]
+                r[name] = rest[name] + dims["depth"] * row[f"{name}_double_block_ms"] \
+                    + dims["depth_single"] * row[f"{name}_single_block_ms"]
+                r[name + "_peak"] = max(double[name + "_peak"] or 0, single[name + "_peak"] or 0) or None
+            row["note"] = (f"composed: rest + {dims['depth']} x double + {dims['depth_single']} x single block, "
+                           "each timed on its own model; peak memory is one block's")
+        for name in ("dense", "clear"):
+            row[f"{name}_ms"], row[f"{name}_peak_gib"] = r[name], r[name + "_peak"]
+        row["speedup"] = row["dense_ms"] / row["clear_ms"]
+        rows.append(row)
+        print(f"{size}px ({size // 16}^2 tokens), r={args.window}, d={args.down}: dense {row['dense_ms']:.1f} ms, "
+              f"CLEAR {row['clear_ms']:.1f} ms, speed-up {row['speedup']:.2f}x, peak GiB dense "
+              f"{row['dense_peak_gib']} / CLEAR {row['clear_peak_gib']}", flush=True)
+    payload = {"environment": environment(), "cpu_smoke_run": not cuda or args.tiny, "args": vars(args), "rows": rows}
+    path = write_results("flux_step", payload, args.out)
+    print("wrote", os.path.relpath(path))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
