@@ -63,6 +63,24 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr, UPCAST: t
 
 
 @triton.jit
+def _attend_all_keys(q, k_base, v_base, skl, skd, svl, svd, n_keys, qk_scale, m_i, l_i, acc,
+                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold keys [0, n_keys) of one (batch, head) into the online softmax: the
+    text keys and the pooled keys, which every image query sees."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(0, n_keys, BLOCK_N):
+        kn = n0 + offs_n
+        k_ok = kn < n_keys
+        k = tl.load(k_base + kn[None, :].to(tl.int64) * skl + offs_d[:, None] * skd, mask=k_ok[None, :], other=0.0)
+        v = tl.load(v_base + kn[:, None].to(tl.int64) * svl + offs_d[None, :] * svd, mask=k_ok[:, None], other=0.0)
+        s = _dot(q, k, PRECISION, UPCAST) * qk_scale
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, UPCAST)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _clear_image_rows_kernel(
     Q, K, V, KP, VP, Out,
     sqb, sqh, sql, sqd,
@@ -103,14 +121,8 @@ def _clear_image_rows_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # 1. text keys
-    for n0 in range(0, T, BLOCK_N):
-        kn = n0 + offs_n
-        k_ok = kn < T
-        k = tl.load(k_base + kn[None, :].to(tl.int64) * skl + offs_d[:, None] * skd, mask=k_ok[None, :], other=0.0)
-        v = tl.load(v_base + kn[:, None].to(tl.int64) * svl + offs_d[None, :] * svd, mask=k_ok[:, None], other=0.0)
-        s = _dot(q, k, PRECISION, UPCAST) * qk_scale
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, UPCAST)
+    m_i, l_i, acc = _attend_all_keys(q, k_base, v_base, skl, skd, svl, svd, T, qk_scale, m_i, l_i, acc,
+                                     BLOCK_N, HEAD_DIM, PRECISION, UPCAST)
 
     # 2. local image keys, one contiguous key-row segment at a time
     r2 = R * R
@@ -139,16 +151,8 @@ def _clear_image_rows_kernel(
 
     # 3. pooled keys
     if HAS_POOL:
-        kp_base = KP + b * spb + hd * sph
-        vp_base = VP + b * spb + hd * sph
-        for n0 in range(0, P, BLOCK_N):
-            kn = n0 + offs_n
-            k_ok = kn < P
-            k = tl.load(kp_base + kn[None, :].to(tl.int64) * spl + offs_d[:, None] * spd, mask=k_ok[None, :], other=0.0)
-            v = tl.load(vp_base + kn[:, None].to(tl.int64) * spl + offs_d[None, :] * spd, mask=k_ok[:, None], other=0.0)
-            s = _dot(q, k, PRECISION, UPCAST) * qk_scale
-            s = tl.where(k_ok[None, :], s, float("-inf"))
-            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, UPCAST)
+        m_i, l_i, acc = _attend_all_keys(q, KP + b * spb + hd * sph, VP + b * spb + hd * sph, spl, spd, spl, spd, P,
+                                         qk_scale, m_i, l_i, acc, BLOCK_N, HEAD_DIM, PRECISION, UPCAST)
 
     # Rows past the grid edge (never stored) saw no key: avoid 0/0.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
