@@ -12,21 +12,24 @@ Prints a table and writes JSON to bench/results/. See bench/README.md.
 import argparse
 import os
 import sys
+import time
+import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import clear_flops, dense_flops, environment, time_ms, write_results  # noqa: E402
+from common import (SMOKE_NOTE, clear_flops, dense_flops, environment, flex_mask_bytes, time_ms,  # noqa: E402
+                    write_results)
 
 from comfyui_clear.kernels import clear_attention, pool_image_tokens  # noqa: E402
 
 
-def flex_clear(q, k, v, text_len, grid, window, down_factor, compiled):
-    """CLEAR through FlexAttention: pooled keys appended after the sequence and
-    a mask_mod with the spec's pattern (block mask built once per shape)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    T, (h, w), r = text_len, grid, window
+def flex_clear(q, k, v, text_len, grid, window, down_factor, flex, make_block_mask):
+    """CLEAR through FlexAttention as the reference implementation runs it:
+    pooled keys appended after the sequence, a mask_mod with the spec's
+    pattern, the block mask built once per shape (not timed). Returns
+    (run, block-mask info)."""
+    T, (_, w), r = text_len, grid, window
     L = q.shape[2]
     if down_factor > 1:
         k = torch.cat([k, pool_image_tokens(k[:, :, T:], grid, down_factor).to(k.dtype)], 2)
@@ -39,8 +42,20 @@ def flex_clear(q, k, v, text_len, grid, window, down_factor, compiled):
         image_row = (q_idx >= T) & ((kv_idx < T) | (kv_idx >= L) | local)
         return text_row | image_row
 
-    block_mask = create_block_mask(mask_mod, None, None, L, k.shape[2], device=q.device)
-    return lambda: compiled(q, k, v, block_mask=block_mask)
+    before = torch.cuda.memory_allocated() if q.is_cuda else 0
+    if q.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    block_mask = make_block_mask(mask_mod, None, None, L, k.shape[2], device=q.device)
+    info = {"flex_mask_build_s": time.perf_counter() - t0,
+            "flex_mask_est_mib": flex_mask_bytes(L, k.shape[2]) / 2**20,
+            "flex_mask_build_peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20 if q.is_cuda else None}
+    return (lambda: flex(q, k, v, block_mask=block_mask)), info
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
 
 
 def dense(q, k, v):
@@ -69,23 +84,41 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available()
-    if args.quick or not cuda:
+    smoke = args.quick or not cuda
+    notes = []
+    if smoke:
         args.grids = [g for g in args.grids if g <= 16] or [8, 16]
         args.radii = [r for r in args.radii if r <= 4] or [2, 4]
         args.heads, args.head_dim, args.text, args.dtype = 2, 64, 16, "float32"
-        args.no_flex = args.no_flex or not cuda  # compiling Flex for the CPU takes minutes
-        print("CPU SMOKE RUN: tiny shapes, torch path; not a benchmark (needs a CUDA GPU)", flush=True)
+        args.repeats = min(args.repeats, 4)
+        notes.append(SMOKE_NOTE)
+        print(f"*** {SMOKE_NOTE.upper()} ***\nCPU smoke run: tiny shapes, ours = the torch path, FlexAttention "
+              "eager (uncompiled); checks the scripts and masks, times nothing meaningful", flush=True)
     device = "cuda" if cuda else "cpu"
+    ours_backend = "triton" if cuda else "torch"
     dtype = getattr(torch, args.dtype)
-    compiled_flex = None
+    flex = make_block_mask = None
     if not args.no_flex:
-        from torch.nn.attention.flex_attention import flex_attention
-        compiled_flex = torch.compile(flex_attention, dynamic=False)
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        if cuda:  # as the reference implementation: both compiled (an eager mask costs L^2 bytes)
+            torch._dynamo.config.recompile_limit = 256  # one compile per (grid, r, d) mask_mod
+            flex = torch.compile(flex_attention, dynamic=False)
+            make_block_mask = torch.compile(create_block_mask)
+        else:  # compiling for the CPU takes minutes; eager is exact and fine at smoke sizes
+            flex, make_block_mask = flex_attention, create_block_mask
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+    if cuda:
+        try:
+            dense(*(torch.zeros(1, 1, 128, 64, device=device, dtype=torch.bfloat16) for _ in range(3)))
+        except RuntimeError as exc:
+            notes.append(f"dense flash attention unavailable on this GPU/build: {exc}")
+            print("NOTE:", notes[-1], flush=True)
+            sys.exit(1)
 
     env = environment()
     rows = []
-    header = f"{'grid':>5} {'r':>3} {'d':>2} | {'dense ms':>9} {'flex ms':>9} {'ours ms':>9} | {'ours TF/s':>9} {'x dense':>8} {'x flex':>7} {'ideal x':>8} {'% ideal':>7} | {'err':>8}"
-    print(header)
+    print(f"{'grid':>5} {'r':>3} {'d':>2} | {'dense ms':>9} {'flex ms':>9} {'ours ms':>9} | {'ours TF/s':>9} "
+          f"{'x dense':>8} {'x flex':>7} {'ideal x':>8} {'% ideal':>7} | {'err':>8} {'flex err':>8}")
     for g in args.grids:
         T, B, H, D = args.text, 1, args.heads, args.head_dim
         L = T + g * g
@@ -95,39 +128,52 @@ def main(argv=None):
         for d in args.down:
             for r in args.radii:
                 row = {"grid": g, "image_px": 16 * g, "window": r, "down_factor": d, "heads": H, "head_dim": D,
-                       "text_len": T, "dtype": args.dtype, "dense_ms": dense_ms,
+                       "text_len": T, "dtype": args.dtype, "ours_backend": ours_backend, "dense_ms": dense_ms,
                        "dense_flops": dense_flops(B, H, D, T, g, g), "clear_flops": clear_flops(B, H, D, T, g, g, r, d)}
-                ours = lambda: clear_attention(q, k, v, text_len=T, grid=(g, g), window=r, down_factor=d)  # noqa: E731
+                ours = lambda: clear_attention(q, k, v, text_len=T, grid=(g, g), window=r, down_factor=d,  # noqa: E731
+                                               backend=ours_backend)
                 row["ours_ms"] = time_ms(ours, args.repeats)
                 row["flex_ms"] = None
-                if compiled_flex is not None and g <= args.flex_max_grid:
+                if flex is not None and g <= args.flex_max_grid:
+                    row["flex_mode"] = "compiled" if cuda else "eager (cpu smoke)"
                     try:
-                        run_flex = flex_clear(q, k, v, T, (g, g), r, d, compiled_flex)
+                        run_flex, info = flex_clear(q, k, v, T, (g, g), r, d, flex, make_block_mask)
+                        row.update(info)
                         row["flex_ms"] = time_ms(run_flex, args.repeats)
                         if g <= args.check_max_grid:
-                            row["flex_vs_ours_rel_err"] = ((run_flex().float() - ours().float()).norm()
-                                                           / ours().float().norm()).item()
-                    except Exception as exc:  # out of memory at large grids: say so, keep going
-                        row["flex_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                        torch.cuda.empty_cache() if cuda else None
+                            row["flex_vs_ours_rel_err"] = rel_err(run_flex(), ours())
+                        del run_flex
+                    except Exception as exc:  # e.g. out of memory at large grids: record it, go on
+                        row["flex_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                        print(f"NOTE: FlexAttention failed at grid {g}, r={r}, d={d}: {row['flex_error']}", flush=True)
+                        if cuda:
+                            torch.cuda.empty_cache()
                 if g <= args.check_max_grid:
                     exact = clear_attention(q.float(), k.float(), v.float(), text_len=T, grid=(g, g), window=r,
                                             down_factor=d, backend="torch")
-                    row["rel_err_vs_torch_path"] = ((ours().float() - exact).norm() / exact.norm()).item()
+                    row["rel_err_vs_torch_path"] = rel_err(ours(), exact)
+                    del exact
                 row["ours_tflops"] = row["clear_flops"] / row["ours_ms"] / 1e9
                 row["speedup_vs_dense"] = dense_ms / row["ours_ms"]
                 row["flop_ratio"] = row["dense_flops"] / row["clear_flops"]
                 row["percent_of_ideal"] = 100 * row["speedup_vs_dense"] / row["flop_ratio"]
                 row["speedup_vs_flex"] = row["flex_ms"] / row["ours_ms"] if row["flex_ms"] else None
                 rows.append(row)
-                flex = f"{row['flex_ms']:9.3f}" if row["flex_ms"] else f"{'-':>9}"
-                xflex = f"{row['speedup_vs_flex']:7.2f}" if row["speedup_vs_flex"] else f"{'-':>7}"
-                err = row.get("rel_err_vs_torch_path")
-                print(f"{g:5d} {r:3d} {d:2d} | {dense_ms:9.3f} {flex} {row['ours_ms']:9.3f} | "
-                      f"{row['ours_tflops']:9.1f} {row['speedup_vs_dense']:8.2f} {xflex} {row['flop_ratio']:8.1f} "
-                      f"{row['percent_of_ideal']:7.1f} | {err if err is None else f'{err:8.1e}'}", flush=True)
+
+                def cell(value, fmt, width):
+                    return f"{'-':>{width}}" if value is None else f"{value:{width}{fmt}}"
+                print(f"{g:5d} {r:3d} {d:2d} | {dense_ms:9.3f} {cell(row['flex_ms'], '.3f', 9)} {row['ours_ms']:9.3f} | "
+                      f"{row['ours_tflops']:9.1f} {row['speedup_vs_dense']:8.2f} {cell(row['speedup_vs_flex'], '.2f', 7)} "
+                      f"{row['flop_ratio']:8.1f} {row['percent_of_ideal']:7.1f} | "
+                      f"{cell(row.get('rel_err_vs_torch_path'), '.1e', 8)} {cell(row.get('flex_vs_ours_rel_err'), '.1e', 8)}",
+                      flush=True)
         del q, k, v
-    payload = {"environment": env, "cpu_smoke_run": not cuda or args.quick, "args": vars(args), "rows": rows}
+        if cuda:
+            torch.cuda.empty_cache()
+    if flex is not None:
+        notes.append(f"FlexAttention {'compiled' if cuda else 'eager'}; block mask built once per config, not timed "
+                     "(flex_mask_build_s, flex_mask_build_peak_mib, flex_mask_est_mib in each row)")
+    payload = {"environment": env, "cpu_smoke_run": smoke, "notes": notes, "args": vars(args), "rows": rows}
     path = write_results("attention", payload, args.out)
     print("wrote", os.path.relpath(path))
     return payload

@@ -13,6 +13,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
+SMOKE_NOTE = "cpu smoke run, not a benchmark"
 
 
 def local_pairs(h, w, r):
@@ -46,6 +47,16 @@ def dense_flops(batch, heads, head_dim, text_len, h, w):
     return 4 * batch * heads * head_dim * seq * seq
 
 
+def flex_mask_bytes(q_len, kv_len, block=128):
+    """Memory a FlexAttention BlockMask holds: int32 block indices for partial
+    and full blocks, each also transposed (for the backward), so 4 matrices of
+    (q blocks x kv blocks). Built without torch.compile, create_block_mask
+    first materialises the whole q_len x kv_len mask (1 byte per pair, plus
+    int64 temporaries): the reference compiles it, and so does the bench."""
+    nq, nkv = -(-q_len // block), -(-kv_len // block)
+    return 4 * nq * nkv * 4 + 4 * (nq + nkv) * 4
+
+
 def time_ms(fn, repeats=20):
     """Median milliseconds of fn(): CUDA events through triton.testing.do_bench on
     a GPU (warm-up excluded), wall clock on the CPU."""
@@ -58,6 +69,26 @@ def time_ms(fn, repeats=20):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def time_long_ms(fn, repeats=3):
+    """Median milliseconds of `repeats` calls of fn() that each take seconds
+    (a whole model step), the caller having already warmed it up: do_bench
+    would first run it 5 more times to estimate its length."""
+    times = []
+    for _ in range(max(1, repeats)):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
 
 

@@ -8,9 +8,11 @@ Patch node, at 4K and 8K.
 
 Weights are random (timing only), bf16; CLEAR runs training-free with
 window r (the distilled weights change no shape or FLOP). ``--blocks one``
-times one double and one single block at the real shapes and composes
-19 x double + 38 x single (embedders and final layer, under 0.1% of a step,
-are left out) for devices whose command time limit a full 8K step exceeds.
+times the rest (embedders, final layer), one double and one single block at
+the real shapes, each on its own model, and composes rest + 19 x double +
+38 x single, for devices whose command time limit a full 8K step exceeds.
+The patched model is checked to run CLEAR in every block and to differ from
+the dense one.
 """
 
 import argparse
@@ -20,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, time_ms, write_results  # noqa: E402
+from common import SMOKE_NOTE, environment, time_long_ms, write_results  # noqa: E402
 
 FULL = dict(hidden=3072, heads=24, depth=19, depth_single=38)
 TINY = dict(hidden=256, heads=2, depth=2, depth_single=2)
@@ -97,6 +99,10 @@ def step_inputs(image_px, text_len, device, dtype, batch=1):
     return x, t, context, y, guidance
 
 
+def fmt_gib(value):
+    return "-" if value is None else f"{value:.2f}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
@@ -111,6 +117,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     comfy_import(args.comfyui)
     from comfyui_clear.nodes.clear_patch import CLEARAttentionPatch
+    from comfyui_clear.nodes.weights import TRAINING_FREE
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -118,32 +125,41 @@ def main(argv=None):
     dims = FULL
     if args.tiny or not cuda:
         dims, args.sizes, args.text, args.window = TINY, [128, 192], 8, 4
-        print("CPU SMOKE RUN: tiny FLUX and images; not a benchmark (needs a CUDA GPU)", flush=True)
+        print(f"*** {SMOKE_NOTE.upper()} ***\nCPU smoke run: tiny FLUX and images; times nothing meaningful",
+              flush=True)
     calls = count_clear_calls()
     node = CLEARAttentionPatch()
 
     def time_model(model_dims, x, t, context, y, guidance):
-        """(dense ms, CLEAR ms, dense peak GiB, CLEAR peak GiB) of one forward."""
+        """{dense, clear: ms; dense_peak, clear_peak: GiB} of one forward of a
+        fresh model with these dims, the CLEAR one proven to have run CLEAR."""
         model = build_model(model_dims, device, dtype)
-        (patched,) = getattr(node, node.FUNCTION)(model, "none (training-free)", args.window, args.down, True, 1.0)
+        (patched,) = getattr(node, node.FUNCTION)(model, TRAINING_FREE, window_size=args.window,
+                                                  down_factor=args.down, proportional_attention=True,
+                                                  rope_ntk_factor=1.0)
         dm = model.model.diffusion_model
-        result = {}
+        result, outputs = {}, {}
         for name, patcher in (("dense", model), ("clear", patched)):
             options = options_of(patcher)
+            run = lambda: dm(x, t, context, y, guidance, transformer_options=options)  # noqa: E731
             with torch.no_grad():
-                run = lambda: dm(x, t, context, y, guidance, transformer_options=options)  # noqa: E731
                 if cuda:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 before = calls[0]
-                out = run()
-                if name == "clear" and model_dims["depth"] + model_dims["depth_single"] and calls[0] == before:
-                    sys.exit("the CLEAR patch did not run: its wrappers/override are not active")
-                if not torch.isfinite(out).all():
-                    sys.exit(f"{name} forward produced non-finite values")
-                result[name] = time_ms(run, args.repeats)
+                outputs[name] = run()  # warm-up (Triton autotuning, cuBLAS heuristics), not timed
+                ran_clear = calls[0] - before
+                if ran_clear != (model_dims["depth"] + model_dims["depth_single"] if name == "clear" else 0):
+                    sys.exit(f"{name}: CLEAR attention ran in {ran_clear} blocks, expected "
+                             f"{model_dims['depth'] + model_dims['depth_single'] if name == 'clear' else 0}: "
+                             "the patch's wrappers/override are not (only) active where they should be")
+                result[name] = time_long_ms(run, args.repeats)
                 result[name + "_peak"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        del model, patched, dm
+        if model_dims["depth"] + model_dims["depth_single"] and torch.equal(outputs["dense"], outputs["clear"]):
+            sys.exit("the CLEAR-patched model gave the dense model's output: CLEAR did not change attention")
+        result["weights_gib"] = sum(p.numel() * p.element_size() for p in dm.parameters()) / 2**30
+        result["finite"] = all(bool(torch.isfinite(o).all()) for o in outputs.values())
+        del model, patched, dm, outputs
         return result
 
     rows = []
@@ -157,23 +173,38 @@ def main(argv=None):
             rest = time_model({**dims, "depth": 0, "depth_single": 0}, *inputs)
             double = time_model({**dims, "depth": 1, "depth_single": 0}, *inputs)
             single = time_model({**dims, "depth": 0, "depth_single": 1}, *inputs)
-            r = {}
+            r = {"finite": rest["finite"] and double["finite"] and single["finite"]}
+            weights = rest["weights_gib"] + dims["depth"] * (double["weights_gib"] - rest["weights_gib"]) \
+                + dims["depth_single"] * (single["weights_gib"] - rest["weights_gib"])
             for name in ("dense", "clear"):
+                row[f"{name}_rest_ms"] = rest[name]
                 row[f"{name}_double_block_ms"] = double[name] - rest[name]
                 row[f"{name}_single_block_ms"] = single[name] - rest[name]
                 r[name] = rest[name] + dims["depth"] * row[f"{name}_double_block_ms"] \
                     + dims["depth_single"] * row[f"{name}_single_block_ms"]
-                r[name + "_peak"] = max(double[name + "_peak"] or 0, single[name + "_peak"] or 0) or None
+                if cuda:  # activations of the worse block model + the full model's weights
+                    r[name + "_peak"] = weights + max(double[name + "_peak"] - double["weights_gib"],
+                                                      single[name + "_peak"] - single["weights_gib"])
+                else:
+                    r[name + "_peak"] = None
             row["note"] = (f"composed: rest + {dims['depth']} x double + {dims['depth_single']} x single block, "
-                           "each timed on its own model; peak memory is one block's")
+                           "each timed on its own model; peak memory estimated as the full model's weights "
+                           "+ the larger one-block activation peak")
+            print("NOTE:", row["note"], flush=True)
         for name in ("dense", "clear"):
             row[f"{name}_ms"], row[f"{name}_peak_gib"] = r[name], r[name + "_peak"]
+        if not r["finite"]:  # random weights: timing is unaffected, but say so
+            row["warning"] = "non-finite values in the output (random weights)"
         row["speedup"] = row["dense_ms"] / row["clear_ms"]
         rows.append(row)
         print(f"{size}px ({size // 16}^2 tokens), r={args.window}, d={args.down}: dense {row['dense_ms']:.1f} ms, "
               f"CLEAR {row['clear_ms']:.1f} ms, speed-up {row['speedup']:.2f}x, peak GiB dense "
-              f"{row['dense_peak_gib']} / CLEAR {row['clear_peak_gib']}", flush=True)
-    payload = {"environment": environment(), "cpu_smoke_run": not cuda or args.tiny, "args": vars(args), "rows": rows}
+              f"{fmt_gib(row['dense_peak_gib'])} / CLEAR {fmt_gib(row['clear_peak_gib'])}", flush=True)
+    import comfy.ldm.modules.attention
+    smoke = args.tiny or not cuda
+    payload = {"environment": environment(), "cpu_smoke_run": smoke, "notes": [SMOKE_NOTE] if smoke else [],
+               "comfy_attention": comfy.ldm.modules.attention.optimized_attention.__name__,
+               "args": vars(args), "rows": rows}
     path = write_results("flux_step", payload, args.out)
     print("wrote", os.path.relpath(path))
     return payload

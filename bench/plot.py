@@ -26,9 +26,12 @@ def main(argv=None):
     with open(args.results) as f:
         data = json.load(f)
     rows, env = data["rows"], data["environment"]
-    configs = sorted({(r["window"], r["down_factor"]) for r in rows})
-    fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 3.8), squeeze=False, sharey=True)
-    for ax, (window, down) in zip(axes[0], configs):
+    windows = sorted({r["window"] for r in rows})
+    downs = sorted({r["down_factor"] for r in rows})
+    # one panel per (r, d): a row per down factor, a column per radius
+    fig, axes = plt.subplots(len(downs), len(windows), figsize=(4.2 * len(windows), 3.4 * len(downs)),
+                             squeeze=False, sharey=True)
+    for ax, (down, window) in zip(axes.flat, [(d, w) for d in downs for w in windows]):
         sel = sorted((r for r in rows if (r["window"], r["down_factor"]) == (window, down)), key=lambda r: r["grid"])
         px = [r["image_px"] for r in sel]
         ax.plot(px, [r["flop_ratio"] for r in sel], "k--", label="ideal (FLOP ratio)")
@@ -40,7 +43,8 @@ def main(argv=None):
         ax.set(xscale="log", yscale="log", title=f"r={window}, d={down}", xlabel="image side (px)")
         ax.set_xticks(px, [str(x) for x in px])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[0][0].set_ylabel("speed-up over dense attention")
+    for row_axes in axes:
+        row_axes[0].set_ylabel("speed-up over dense attention")
     axes[0][0].legend(fontsize=8)
     smoke = " - CPU SMOKE RUN, NOT A BENCHMARK" if data.get("cpu_smoke_run") else ""
     fig.suptitle(f"CLEAR attention, {env['device']}, {env['date'][:10]}, {env['commit'][:8]}{smoke}", fontsize=9)

@@ -47,12 +47,17 @@ def test_attention_bench_cpu_smoke(tmp_path):
     stdout = _run(["bench/attention.py", "--quick", "--out", str(out)])
     assert "CPU SMOKE RUN" in stdout
     data = json.loads(out.read_text())
-    assert data["cpu_smoke_run"] is True
+    assert data["cpu_smoke_run"] is True and common.SMOKE_NOTE in data["notes"]
     assert {"device", "torch", "triton", "commit", "date", "command"} <= set(data["environment"])
     rows = data["rows"]
     assert len(rows) == 8
     for row in rows:
         assert row["rel_err_vs_torch_path"] < 1e-5
+        # Flex (eager on the CPU) with the bench's own mask_mod agrees with ours:
+        # a wrong disc, text row or pooled-key rule would not
+        assert row["flex_mode"] == "eager (cpu smoke)" and row["flex_vs_ours_rel_err"] < 1e-5
+        assert row["clear_flops"] == common.clear_flops(1, row["heads"], row["head_dim"], row["text_len"],
+                                                        row["grid"], row["grid"], row["window"], row["down_factor"])
         assert row["clear_flops"] < row["dense_flops"]
         assert row["percent_of_ideal"] == pytest.approx(100 * row["speedup_vs_dense"] / row["flop_ratio"])
     pytest.importorskip("matplotlib", reason="plot needs matplotlib")
@@ -66,7 +71,17 @@ def test_flux_step_bench_cpu_smoke(tmp_path):
         pytest.skip("COMFYUI_PATH is not set (bench/flux_step.py runs ComfyUI's Flux code)")
     for blocks in ("full", "one"):
         out = tmp_path / f"step-{blocks}.json"
-        _run(["bench/flux_step.py", "--tiny", "--blocks", blocks, "--comfyui", comfyui, "--out", str(out)])
-        rows = json.loads(out.read_text())["rows"]
+        stdout = _run(["bench/flux_step.py", "--tiny", "--blocks", blocks, "--comfyui", comfyui, "--out", str(out)])
+        assert "CPU SMOKE RUN" in stdout
+        data = json.loads(out.read_text())
+        assert data["cpu_smoke_run"] is True and common.SMOKE_NOTE in data["notes"]
+        rows = data["rows"]
         assert [r["image_px"] for r in rows] == [128, 192]
-        assert all(r["dense_ms"] > 0 and r["clear_ms"] > 0 for r in rows)
+        for r in rows:
+            assert r["speedup"] == pytest.approx(r["dense_ms"] / r["clear_ms"])
+            if blocks == "full":
+                assert r["dense_ms"] > 0 and r["clear_ms"] > 0
+            else:  # composed from block timings (CPU noise can make a difference negative)
+                for name in ("dense", "clear"):
+                    assert r[f"{name}_ms"] == pytest.approx(r[f"{name}_rest_ms"] + 2 * r[f"{name}_double_block_ms"]
+                                                            + 2 * r[f"{name}_single_block_ms"])
