@@ -95,6 +95,7 @@ MODEL_FILES = {
 def comfy(comfyui, tmp_path_factory):
     """ComfyUI's node registry with the core extras and this package loaded as
     ComfyUI loads a custom node; model folders in a temp dir."""
+    pytest.importorskip("comfy_cli", reason="comfy-cli converts UI workflows to prompts (pip install comfy-cli)")
     import folder_paths
     import nodes
 
