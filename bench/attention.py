@@ -53,6 +53,17 @@ def flex_clear(q, k, v, text_len, grid, window, down_factor, flex, make_block_ma
     return (lambda: flex(q, k, v, block_mask=block_mask)), info
 
 
+def format_row(row):
+    def cell(key, fmt, width):
+        value = row.get(key)
+        return f"{'-':>{width}}" if value is None else f"{value:{width}{fmt}}"
+    return (f"{row['grid']:5d} {row['window']:3d} {row['down_factor']:2d} | {cell('dense_ms', '.3f', 9)} "
+            f"{cell('flex_ms', '.3f', 9)} {cell('ours_ms', '.3f', 9)} | {cell('ours_tflops', '.1f', 9)} "
+            f"{cell('speedup_vs_dense', '.2f', 8)} {cell('speedup_vs_flex', '.2f', 7)} {cell('flop_ratio', '.1f', 8)} "
+            f"{cell('percent_of_ideal', '.1f', 7)} | {cell('rel_err_vs_torch_path', '.1e', 8)} "
+            f"{cell('flex_vs_ours_rel_err', '.1e', 8)}")
+
+
 def rel_err(out, ref):
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
@@ -159,15 +170,8 @@ def main(argv=None):
                 row["percent_of_ideal"] = 100 * row["speedup_vs_dense"] / row["flop_ratio"]
                 row["speedup_vs_flex"] = row["flex_ms"] / row["ours_ms"] if row["flex_ms"] else None
                 rows.append(row)
-
-                def cell(value, fmt, width):
-                    return f"{'-':>{width}}" if value is None else f"{value:{width}{fmt}}"
-                print(f"{g:5d} {r:3d} {d:2d} | {dense_ms:9.3f} {cell(row['flex_ms'], '.3f', 9)} {row['ours_ms']:9.3f} | "
-                      f"{row['ours_tflops']:9.1f} {row['speedup_vs_dense']:8.2f} {cell(row['speedup_vs_flex'], '.2f', 7)} "
-                      f"{row['flop_ratio']:8.1f} {row['percent_of_ideal']:7.1f} | "
-                      f"{cell(row.get('rel_err_vs_torch_path'), '.1e', 8)} {cell(row.get('flex_vs_ours_rel_err'), '.1e', 8)}",
-                      flush=True)
-        del q, k, v
+                print(format_row(row), flush=True)
+        q = k = v = None  # free this grid's inputs before the next one's
         if cuda:
             torch.cuda.empty_cache()
     if flex is not None:

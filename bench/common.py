@@ -103,8 +103,9 @@ def environment():
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    cpu = f"cpu ({platform.processor() or platform.machine()})"
     return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu,
         "torch": torch.__version__, "triton": triton_version, "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),

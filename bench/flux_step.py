@@ -44,7 +44,8 @@ def build_model(dims, device, dtype):
     import comfy.supported_models
 
     head_dim = dims["hidden"] // dims["heads"]
-    axes = [16, 56, 56] if head_dim == 128 else [head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8]
+    side = 3 * head_dim // 8  # FLUX splits RoPE 16/56/56 of 128; scaled the same way for --tiny
+    axes = [16, 56, 56] if head_dim == 128 else [head_dim - 2 * side, side, side]
     config = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
               "context_in_dim": 4096, "hidden_size": dims["hidden"], "mlp_ratio": 4.0, "num_heads": dims["heads"],
               "depth": dims["depth"], "depth_single_blocks": dims["depth_single"], "axes_dim": axes,
@@ -59,7 +60,8 @@ def build_model(dims, device, dtype):
             else:
                 p.fill_(1.0 if name.endswith(".scale") else 0.0)
     model.to(device=device, dtype=dtype).eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device(device))
+    device = torch.device(device)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
 def options_of(patcher):
@@ -159,7 +161,6 @@ def main(argv=None):
             sys.exit("the CLEAR-patched model gave the dense model's output: CLEAR did not change attention")
         result["weights_gib"] = sum(p.numel() * p.element_size() for p in dm.parameters()) / 2**30
         result["finite"] = all(bool(torch.isfinite(o).all()) for o in outputs.values())
-        del model, patched, dm, outputs
         return result
 
     rows = []
