@@ -45,12 +45,12 @@ def _sample(model, latent, positive, seed=0):
                                denoise=1.0, disable_pbar=True, seed=seed)
 
 
-def _reference_model(flux_tiny, clear_sd, window, down, proportional, ntk, grid, T):
+def _reference_model(flux_tiny, clear_sd, window, down, proportional, ntk, grid, T, **config):
     """The tiny FLUX with CLEAR weights written into its fused layers by hand and
     a dense-masked oracle attention: shares no code with the patch."""
     from oracle import clear_oracle
 
-    ref = flux_tiny.make_tiny_flux()
+    ref = flux_tiny.make_tiny_flux(**config)
     dm = ref.model.diffusion_model
     hidden = flux_tiny.TINY["hidden"]
     with torch.no_grad():
@@ -84,21 +84,24 @@ def _reference_model(flux_tiny, clear_sd, window, down, proportional, ntk, grid,
     return ref, calls
 
 
-@pytest.mark.parametrize("latent_hw,T,weights,proportional,ntk,batch", [
-    ((12, 16), 5, "clear_local_3.safetensors", False, 1.0, 1),
-    ((11, 9), 7, "clear_local_3.safetensors", True, 10.0, 2),      # odd latent -> padded 6x5 grid
-    ((16, 12), 3, "clear_local_2_down_2.safetensors", False, 1.0, 2),
-    ((14, 10), 4, "clear_local_2_down_2.safetensors", True, 4.0, 1),  # 7x5 grid, not divisible by d
+@pytest.mark.parametrize("latent_hw,T,weights,proportional,ntk,batch,guidance_embed", [
+    ((12, 16), 5, "clear_local_3.safetensors", False, 1.0, 1, True),
+    ((10, 10), 6, "clear_local_3.safetensors", False, 1.0, 1, False),     # schnell-style: no guidance embedding
+    ((11, 9), 7, "clear_local_3.safetensors", True, 10.0, 2, True),      # odd latent -> padded 6x5 grid
+    ((16, 12), 3, "clear_local_2_down_2.safetensors", False, 1.0, 2, True),
+    ((14, 10), 4, "clear_local_2_down_2.safetensors", True, 4.0, 1, True),  # 7x5 grid, not divisible by d
 ])
-def test_patched_model_matches_independent_reference(env, latent_hw, T, weights, proportional, ntk, batch):
+def test_patched_model_matches_independent_reference(env, latent_hw, T, weights, proportional, ntk, batch,
+                                                     guidance_embed):
     clear_patch, flux_tiny, files, _ = env
-    model = flux_tiny.make_tiny_flux()
+    model = flux_tiny.make_tiny_flux(guidance_embed=guidance_embed)
     window, down = clear_patch.training_setting(weights)
     (patched,) = clear_patch.CLEARAttentionPatch().patch(model, weights, 0, 0, proportional, ntk)
     latent = torch.randn(batch, 16, *latent_hw, generator=torch.Generator().manual_seed(3))
     positive = _conditioning(batch, T, seed=4)
     grid = ((latent_hw[0] + 1) // 2, (latent_hw[1] + 1) // 2)
-    ref, calls = _reference_model(flux_tiny, files[weights], window, down, proportional, ntk, grid, T)
+    ref, calls = _reference_model(flux_tiny, files[weights], window, down, proportional, ntk, grid, T,
+                                  guidance_embed=guidance_embed)
 
     out = _sample(patched, latent, positive)
     expected = _sample(ref, latent, positive)
@@ -246,3 +249,46 @@ def test_node_interface(env):
                            "clear_local_8_down_4.safetensors", "clear_local_16_down_4.safetensors"]
     assert choices[-1] == "none (training-free)" and "clear_local_3.safetensors" in choices
     assert all("tooltip" in opts for _, opts in inputs.values())
+
+
+def test_controlnet_runs_on_the_patched_model_with_its_own_attention_dense(env, monkeypatch):
+    """A FLUX ControlNet (ComfyUI's ControlNetFlux at the tiny size) on the
+    patched model: sampling runs, the control changes the result, and CLEAR
+    runs exactly in the main model's blocks (the ControlNet's stay dense)."""
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+
+    import comfyui_clear.kernels as kernels
+
+    clear_patch, flux_tiny, _, _ = env
+    config = flux_tiny.tiny_unet_config()
+    config.pop("image_model")
+    control_model = comfy.ldm.flux.controlnet.ControlNetFlux(
+        latent_input=True, control_latent_channels=3, operations=comfy.ops.disable_weight_init, **config)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in control_model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[1] ** 0.5 if p.dim() > 1 else 10)
+                    + (1.0 if name.endswith(".scale") else 0.0))
+    cpu = torch.device("cpu")
+    control = comfy.controlnet.ControlNet(control_model, compression_ratio=1, latent_format=None, load_device=cpu,
+                                          manual_cast_dtype=None, extra_conds=["y", "guidance"])
+    latent = torch.randn(1, 16, 12, 10, generator=torch.Generator().manual_seed(12))
+    hint = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(13))
+    plain = _conditioning(1, 5, seed=14)
+    controlled = [[plain[0][0], {**plain[0][1], "control": control.copy().set_cond_hint(hint, 1.0, (0.0, 1.0)),
+                                 "control_apply_to_uncond": False}]]
+
+    calls = []
+    op = kernels.clear_attention
+    monkeypatch.setattr(kernels, "clear_attention", lambda *a, **k: calls.append(1) or op(*a, **k))
+    model = flux_tiny.make_tiny_flux()
+    (patched,) = clear_patch.CLEARAttentionPatch().patch(model, "clear_local_3.safetensors", 0, 0, False, 1.0)
+    out_plain = _sample(patched, latent, plain)
+    per_step = len(calls)
+    out_control = _sample(patched, latent, controlled)
+    assert per_step == 4  # 2 double + 2 single blocks, one step
+    assert len(calls) == 2 * per_step  # the ControlNet's own blocks did not run CLEAR
+    assert torch.isfinite(out_control).all()
+    assert ((out_control - out_plain).norm() / out_plain.norm()).item() > 1e-3
