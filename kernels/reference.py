@@ -1,22 +1,100 @@
 """Exact PyTorch implementation of CLEAR attention (any device).
 
 Never builds an L x L tensor: image queries are processed in 2-D tiles that
-gather only the keys inside their window, text queries in row chunks, and every
-chunk is sized so its score tensor stays under ``CHUNK_ELEMENTS`` elements.
-Arithmetic is float32 (float64 for float64 inputs); the result is cast back to
-the input dtype.
+gather only the keys inside their window, text queries in row chunks. Chunks
+are sized so that everything one chunk holds at once (scores, gathered keys
+and values, masks, partial outputs) stays under a byte budget taken from the
+problem and the device's free memory (``working_set_budget``). Arithmetic is
+float32 (float64 for float64 inputs); the result is cast back to the input
+dtype.
 """
 
-import math
+import os
 
 import torch
 
-# Upper bound on the elements of one chunk's score tensor (float32: 256 MiB).
-# Tests lower it to prove the bound holds.
-CHUNK_ELEMENTS = 1 << 26
-
 # Image query tile (rows x cols of the token grid) for the torch path.
 TILE = 16
+
+# One chunk may use at most this share of the device's free memory...
+FREE_MEMORY_FRACTION = 1 / 8
+# ... and at most one compute-dtype copy of q (ComfyUI's own chunked attention
+# holds a float32 score block of min(L, 4096) x L per head, i.e. 2L/D times
+# that and more), but never less than this floor, so small problems run in a
+# few chunks.
+MIN_BUDGET_BYTES = 64 << 20
+
+
+def _system_available_memory():
+    """Bytes of RAM the OS can still give (None if unknown)."""
+    try:
+        import psutil
+        return psutil.virtual_memory().available
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def free_memory(device):
+    """Bytes still allocatable on ``device``, or None when it cannot be told.
+
+    CUDA: free device memory plus what torch's caching allocator holds unused
+    (as ComfyUI's model_management.get_free_memory counts it). CPU and MPS
+    (unified memory): available system RAM, on MPS also capped by Metal's
+    recommended working set.
+    """
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            stats = torch.cuda.memory_stats(device)
+            return free + stats.get("reserved_bytes.all.current", 0) - stats.get("active_bytes.all.current", 0)
+        backend = getattr(torch, device.type, None)
+        if device.type not in ("cpu", "mps") and hasattr(backend, "mem_get_info"):  # xpu, npu, ...
+            return backend.mem_get_info(device)[0]
+    except (RuntimeError, AssertionError):  # backend present but not initialised/usable
+        return None
+    free = _system_available_memory()
+    if device.type == "mps":
+        try:
+            metal = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+            free = metal if free is None else min(free, metal)
+        except (AttributeError, RuntimeError):
+            pass
+    return free
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def working_set_budget(q):
+    """Bytes one chunk of the torch path may hold at once, for attention on ``q``.
+
+    At most one compute-dtype copy of q (at least MIN_BUDGET_BYTES) and at most
+    FREE_MEMORY_FRACTION of the device's free memory. A chunk never goes below
+    one tile (or one text row) of one head, so a tiny budget means many small
+    chunks, never a failure.
+    """
+    c = torch.empty((), dtype=_compute_dtype(q.dtype)).element_size()
+    budget = max(q.numel() * c, MIN_BUDGET_BYTES)
+    # Reading free memory under torch.compile would break the graph; the
+    # problem-sized cap alone is used there.
+    if not torch.compiler.is_compiling():
+        free = free_memory(q.device)
+        if free is not None:
+            budget = min(budget, int(free * FREE_MEMORY_FRACTION))
+    return max(budget, 0)
 
 
 def pooled_grid(grid, down_factor):
@@ -42,18 +120,38 @@ def pool_image_tokens(x_img, grid, down_factor, spatial_weight=None):
     and column (edge padding), so a partial block still carries the layer's
     full weight sum over real tokens; on divisible grids this is exactly the
     reference's weighted block sum.
+
+    Works one block offset (i, j) at a time, gathering only the pooled grid's
+    worth of tokens, so memory is a few pooled-size tensors, not a copy of x.
     """
     h, w = grid
     d = down_factor
     B, H, N, D = x_img.shape
     hp, wp = pooled_grid(grid, d)
-    dtype = torch.float64 if x_img.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(x_img.dtype)
+    c = torch.empty((), dtype=dtype).element_size()
     weights = spatial_weight_matrix(spatial_weight, d, x_img.device, dtype)
-    rows = torch.arange(hp * d, device=x_img.device).clamp_(max=h - 1)
-    cols = torch.arange(wp * d, device=x_img.device).clamp_(max=w - 1)
-    x = x_img.reshape(B, H, h, w, D)[:, :, rows][:, :, :, cols]
-    x = x.reshape(B, H, hp, d, wp, d, D).to(dtype)
-    pooled = torch.einsum("bhidjek,de->bhijk", x, weights)
+    x = x_img.reshape(B, H, h, w, D)
+    device = x_img.device
+    pooled = torch.empty(B, H, hp, wp, D, dtype=dtype, device=device)
+    # per (batch, head): a gathered block offset in input and compute dtype, and a product
+    per_head = hp * wp * D * (x_img.element_size() + 2 * c)
+    # the caller keeps pooled keys while it pools values: room for both
+    room = working_set_budget(x_img) - 2 * pooled.numel() * c
+    heads = max(1, min(H, room // max(1, B * per_head)))
+    for h0 in range(0, H, heads):
+        h1 = min(H, h0 + heads)
+        acc = pooled[:, h0:h1]
+        for i in range(d):
+            rows = (torch.arange(hp, device=device) * d + i).clamp_(max=h - 1)
+            for j in range(d):
+                cols = (torch.arange(wp, device=device) * d + j).clamp_(max=w - 1)
+                part = x[:, h0:h1][:, :, rows][:, :, :, cols].to(dtype)
+                if i == 0 and j == 0:
+                    torch.mul(part, weights[i, j], out=acc)
+                else:
+                    acc.add_(part.mul_(weights[i, j]))
+                del part
     return pooled.reshape(B, H, hp * wp, D)
 
 
@@ -64,23 +162,40 @@ def _local_window(tile_start, tile_len, radius, extent):
     return lo, hi - lo + 1
 
 
-def _softmax_rows(parts):
-    """Softmax-weighted sum over several (scores, values) key groups at once.
+def _select(x, sel):
+    """Tokens of x (B, H, N, D) as (B, H, n, m, D): a slice gives n = 1 (a view)."""
+    return x[:, :, sel].unsqueeze(2) if isinstance(sel, slice) else x[:, :, sel]
 
-    parts: list of (scores (..., q, n), values (..., n, D) or broadcastable).
-    Returns (..., q, D) without concatenating the groups.
-    """
-    row_max = None
-    for s, _ in parts:
-        m = s.amax(dim=-1, keepdim=True)
-        row_max = m if row_max is None else torch.maximum(row_max, m)
-    denom = 0
-    acc = 0
-    for s, vals in parts:
-        p = torch.exp(s - row_max)
-        denom = denom + p.sum(dim=-1, keepdim=True)
-        acc = acc + p @ vals
-    return acc / denom
+
+def _attend_text_queries(q, k, v, out, T, scale, budget):
+    """Text rows see every text and image key: dense rows, chunked over heads and rows."""
+    B, H, L, D = q.shape
+    dtype = _compute_dtype(q.dtype)
+    c = torch.empty((), dtype=dtype).element_size()
+    g = c + (q.element_size() if q.dtype != dtype else 0)  # a converted copy and its source
+    per_head = 2 * L * D * g  # this head's keys and values in the compute dtype
+    per_row = D * g + L * c + 2 * D * c  # query, score row, output row (+ its sum)
+    heads = min(H, budget // max(1, B * (per_head + T * per_row)))
+    if heads >= 1:
+        rows = T
+    else:
+        heads = 1
+        rows = max(1, (budget // B - per_head) // per_row)
+    for h0 in range(0, H, heads):
+        h1 = min(H, h0 + heads)
+        kc = k[:, h0:h1].to(dtype)
+        vc = v[:, h0:h1].to(dtype)
+        for t0 in range(0, T, rows):
+            t1 = min(T, t0 + rows)
+            s = q[:, h0:h1, t0:t1].to(dtype) @ kc.transpose(-1, -2)
+            s.mul_(scale)
+            s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
+            o = s @ vc
+            o.div_(s.sum(dim=-1, keepdim=True))
+            del s
+            out[:, h0:h1, t0:t1] = o
+            del o
+        del kc, vc
 
 
 def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, pooled_v=None, scale):
@@ -88,30 +203,30 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
     B, H, L, D = q.shape
     T = text_len
     h, w = grid
-    r = window
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # Any radius past the grid's diagonal sees the whole grid; clamping keeps
+    # the integer arithmetic small for huge windows.
+    r = min(window, h + w)
+    dtype = _compute_dtype(q.dtype)
+    c = torch.empty((), dtype=dtype).element_size()
+    e = q.element_size()
+    g = c + (e if q.dtype != dtype else 0)  # a gathered copy in the compute dtype, and its source
+    budget = working_set_budget(q)
     out = torch.empty_like(q)
+
+    if T > 0:
+        _attend_text_queries(q, k, v, out, T, scale, budget)
 
     k_text, v_text = k[:, :, :T], v[:, :, :T]
     k_img, v_img = k[:, :, T:], v[:, :, T:]
     has_pool = pooled_k is not None
     P = pooled_k.shape[2] if has_pool else 0
 
-    # Text queries see every text and image key (not the pooled ones): dense
-    # rows, chunked over heads and rows.
-    if T > 0:
-        rows = max(1, CHUNK_ELEMENTS // (L * H * B))
-        for t0 in range(0, T, rows):
-            t1 = min(T, t0 + rows)
-            qc = q[:, :, t0:t1].to(dtype)
-            s = (qc @ k.to(dtype).transpose(-1, -2)) * scale
-            out[:, :, t0:t1] = torch.softmax(s, dim=-1).matmul(v.to(dtype)).to(q.dtype)
-
     # Image queries: tiles of ty x tx tokens; each tile gathers the key
     # rectangle its discs can reach and masks it exactly.
     ty, tx = min(TILE, h), min(TILE, w)
     wy = min(ty + 2 * (r - 1), h)
     wx = min(tx + 2 * (r - 1), w)
+    tq, kw = ty * tx, wy * wx
     device = q.device
     # Tiles start on a ty/tx lattice; the last tile of a row or column is
     # shifted back inside the grid (it recomputes some queries identically).
@@ -119,47 +234,97 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
     xs = sorted({min(x, w - tx) for x in range(0, w, tx)})
     tiles = [(y, x) for y in ys for x in xs]
 
-    per_tile = B * H * ty * tx * (wy * wx + T + P)
-    tiles_per_chunk = max(1, CHUNK_ELEMENTS // per_tile)
-    heads_per_chunk = H if per_tile <= CHUNK_ELEMENTS else max(1, H * CHUNK_ELEMENTS // per_tile)
+    # Bytes held at once, counted per (batch, head, tile): gathered queries,
+    # keys and values; the scores of all key groups (softmax runs in place);
+    # the output accumulator, one matmul product and the cast result.
+    per_tile = (tq + 2 * kw) * D * g + tq * (kw + T + P) * c + tq * D * (2 * c + e) + 4 * tq * c
+    # per (batch, head): text and pooled keys and values in the compute dtype
+    per_head = 2 * (T + P) * D * g
+    # per tile, shared by heads: int32 distances while building, the bool mask, indices
+    per_mask = tq * kw * 5 + (tq + kw) * 8
+    all_heads = B * H * (per_tile + per_head) + per_mask
+    if all_heads <= budget:
+        heads = H
+        tiles_per_chunk = max(1, (budget - B * H * per_head) // (B * H * per_tile + per_mask))
+    else:
+        tiles_per_chunk = 1
+        heads = max(1, (budget - per_mask) // (B * (per_tile + per_head)))
 
-    qy_off = torch.arange(ty, device=device).repeat_interleave(tx)
-    qx_off = torch.arange(tx, device=device).repeat(ty)
-    ky_off = torch.arange(wy, device=device).repeat_interleave(wx)
-    kx_off = torch.arange(wx, device=device).repeat(wy)
+    ty_off = torch.arange(ty, device=device, dtype=torch.int32)
+    tx_off = torch.arange(tx, device=device, dtype=torch.int32)
+    wy_off = torch.arange(wy, device=device, dtype=torch.int32)
+    wx_off = torch.arange(wx, device=device, dtype=torch.int32)
 
     for c0 in range(0, len(tiles), tiles_per_chunk):
         chunk = tiles[c0:c0 + tiles_per_chunk]
-        q_idx, k_idx, masks = [], [], []
-        for y0, x0 in chunk:
-            ky0, _ = _local_window(y0, ty, r, h)
-            kx0, _ = _local_window(x0, tx, r, w)
-            ky0, kx0 = min(ky0, h - wy), min(kx0, w - wx)
-            qy, qx = y0 + qy_off, x0 + qx_off
-            ky, kx = ky0 + ky_off, kx0 + kx_off
-            q_idx.append(qy * w + qx)
-            k_idx.append(ky * w + kx)
-            dist2 = (qy[:, None] - ky[None, :]) ** 2 + (qx[:, None] - kx[None, :]) ** 2
-            masks.append(dist2 < r * r)
-        q_idx = torch.stack(q_idx)  # (n, tq)
-        k_idx = torch.stack(k_idx)  # (n, kw)
-        mask = torch.stack(masks)  # (n, tq, kw)
+        n = len(chunk)
+        y0 = torch.tensor([y for y, _ in chunk], device=device, dtype=torch.int32)
+        x0 = torch.tensor([x for _, x in chunk], device=device, dtype=torch.int32)
+        ky0 = torch.tensor([min(_local_window(y, ty, r, h)[0], h - wy) for y, _ in chunk],
+                           device=device, dtype=torch.int32)
+        kx0 = torch.tensor([min(_local_window(x, tx, r, w)[0], w - wx) for _, x in chunk],
+                           device=device, dtype=torch.int32)
+        qy, qx = y0[:, None] + ty_off, x0[:, None] + tx_off  # (n, ty), (n, tx)
+        ky, kx = ky0[:, None] + wy_off, kx0[:, None] + wx_off  # (n, wy), (n, wx)
+        dy2 = (qy[:, :, None] - ky[:, None, :]).square_()  # (n, ty, wy)
+        dx2 = (qx[:, :, None] - kx[:, None, :]).square_()  # (n, tx, wx)
+        # outside[t, i*tx + j, a*wx + b]: key (a, b) is not within r of query (i, j)
+        dist2 = dy2[:, :, None, :, None] + dx2[:, None, :, None, :]
+        outside = (dist2 >= r * r).reshape(n, tq, kw)
+        del dy2, dx2, dist2
+        # A single tile spanning whole grid rows reads a contiguous token
+        # range: a slice (a view, no copy) instead of a gather.
+        if n == 1 and tx == w:
+            q_sel = slice(chunk[0][0] * w, chunk[0][0] * w + tq)
+        else:
+            q_sel = (qy[:, :, None].long() * w + qx[:, None, :]).reshape(n, tq)
+        if n == 1 and wx == w:
+            k_sel = slice(int(ky0[0]) * w, int(ky0[0]) * w + kw)
+        else:
+            k_sel = (ky[:, :, None].long() * w + kx[:, None, :]).reshape(n, kw)
+        del qy, qx, ky, kx
 
-        for h0 in range(0, H, heads_per_chunk):
-            h1 = min(H, h0 + heads_per_chunk)
-            qt = q[:, h0:h1, T:][:, :, q_idx].to(dtype)  # (B, h, n, tq, D)
-            kl = k_img[:, h0:h1][:, :, k_idx].to(dtype)  # (B, h, n, kw, D)
-            vl = v_img[:, h0:h1][:, :, k_idx].to(dtype)
-            s_local = (qt @ kl.transpose(-1, -2)) * scale
-            s_local = s_local.masked_fill(~mask, float("-inf"))
-            parts = [(s_local, vl)]
+        for h0 in range(0, H, heads):
+            h1 = min(H, h0 + heads)
+            hc = h1 - h0
+            qt = _select(q[:, h0:h1, T:], q_sel).to(dtype)  # (B, hc, n, tq, D)
+            kl = _select(k_img[:, h0:h1], k_sel).to(dtype)  # (B, hc, n, kw, D)
+            s_local = qt @ kl.transpose(-1, -2)  # (B, hc, n, tq, kw)
+            del kl
+            s_local.mul_(scale).masked_fill_(outside, float("-inf"))
+            # Text and pooled keys are shared by every query of a head: one
+            # (n*tq, D) x (D, T) product per head, no per-tile copies of them.
+            qt = qt.reshape(B, hc, n * tq, D)
+            groups = []
             if T > 0:
-                kt = k_text[:, h0:h1, None].to(dtype)  # (B, h, 1, T, D)
-                parts.append(((qt @ kt.transpose(-1, -2)) * scale, v_text[:, h0:h1, None].to(dtype)))
+                kt = k_text[:, h0:h1].to(dtype)
+                groups.append(((qt @ kt.transpose(-1, -2)).mul_(scale), v_text[:, h0:h1]))
+                del kt
             if has_pool:
-                kp = pooled_k[:, h0:h1, None].to(dtype)
-                parts.append(((qt @ kp.transpose(-1, -2)) * scale, pooled_v[:, h0:h1, None].to(dtype)))
-            res = _softmax_rows(parts).to(q.dtype)  # (B, h, n, tq, D)
+                kp = pooled_k[:, h0:h1].to(dtype)
+                groups.append(((qt @ kp.transpose(-1, -2)).mul_(scale), pooled_v[:, h0:h1]))
+                del kp
+            del qt
+            # One softmax over all key groups, in place, without concatenating them.
+            row_max = s_local.amax(dim=-1).reshape(B, hc, n * tq, 1)
+            for s, _ in groups:
+                torch.maximum(row_max, s.amax(dim=-1, keepdim=True), out=row_max)
+            s_local.sub_(row_max.reshape(B, hc, n, tq, 1)).exp_()
+            denom = s_local.sum(dim=-1).reshape(B, hc, n * tq, 1)
+            vl = _select(v_img[:, h0:h1], k_sel).to(dtype)
+            acc = (s_local @ vl).reshape(B, hc, n * tq, D)
+            del s_local, vl
+            while groups:
+                s, vals = groups.pop(0)
+                s.sub_(row_max).exp_()
+                denom.add_(s.sum(dim=-1, keepdim=True))
+                acc.add_(s @ vals.to(dtype))
+                del s, vals
+            acc.div_(denom)
             out_img = out[:, h0:h1, T:]
-            out_img[:, :, q_idx.reshape(-1)] = res.reshape(B, h1 - h0, -1, D)
+            if isinstance(q_sel, slice):
+                out_img[:, :, q_sel] = acc
+            else:
+                out_img[:, :, q_sel.reshape(-1)] = acc.to(q.dtype)
+            del acc
     return out

@@ -1,12 +1,15 @@
 """The exact torch path of clear_attention against the dense float64 oracle,
-the argument checks, and the memory bound (no L x L tensor)."""
+the argument checks, and memory: no L x L tensor, a working set sized from the
+problem and the free memory, a peak at most ComfyUI's own attention's."""
 
 import math
+import sys
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _memory import LiveBytes
 from comfyui_clear.kernels import clear_attention, pool_image_tokens, reference
 from oracle import clear_oracle, rel_err
 
@@ -45,14 +48,21 @@ def test_torch_path_matches_oracle(B, H, D, T, h, w, r, d):
     assert rel_err(out, ref) < 1e-12
 
 
+def _free_memory_is(monkeypatch, nbytes):
+    """Simulate a device with ``nbytes`` free: the chunk budget becomes nbytes/8."""
+    monkeypatch.setattr(reference, "free_memory", lambda device: nbytes)
+
+
 def test_small_tiles_and_chunks_change_nothing(monkeypatch):
-    """Tiny tiles and chunk budgets exercise the tiling/chunking code paths."""
+    """Tiny tiles and no free memory (one tile of one head, one text row of one
+    head per chunk) exercise the tiling/chunking code paths."""
     B, H, D, T, h, w, r, d = 2, 3, 8, 7, 11, 13, 4, 2
     q, k, v = _inputs(B, H, D, T + h * w)
     sw = torch.randn(d, d, dtype=torch.float64)
     ref = clear_oracle(q, k, v, T, (h, w), r, d, sw)
     monkeypatch.setattr(reference, "TILE", 3)
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 500)  # forces head- and tile-chunking
+    _free_memory_is(monkeypatch, 0)
+    assert reference.working_set_budget(q) == 0
     out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=d, spatial_weight=sw,
                           backend="torch")
     assert rel_err(out, ref) < 1e-12
@@ -166,7 +176,7 @@ def test_torch_path_never_builds_an_LxL_tensor(monkeypatch, d):
     """With the chunk budget lowered, no intermediate reaches L*L elements (a dense
     implementation's score matrix is B*H*L*L); the biggest is bounded by the
     budget plus the per-tile gather, i.e. O(L * (r^2 + T + P)) in total."""
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 1 << 16)
+    _free_memory_is(monkeypatch, 8 << 20)  # a 1 MiB budget
     B, H, D, T, h, w, r = 1, 2, 16, 16, 48, 48, 4
     L = T + h * w
     q, k, v = _inputs(B, H, D, L, dtype=torch.float32, seed=0)
@@ -174,8 +184,8 @@ def test_torch_path_never_builds_an_LxL_tensor(monkeypatch, d):
         out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=d, backend="torch")
     assert torch.isfinite(out).all()
     assert mode.largest < L * L / 8, (mode.largest, L * L)
-    # bigger than inputs only by the chunk budget (scores) and the gathered tiles
-    assert mode.largest <= max(B * H * L * D, 2 * reference.CHUNK_ELEMENTS)
+    # bigger than inputs only by the chunk budget (scores and gathered tiles)
+    assert mode.largest * 4 <= max(B * H * L * D * 4, reference.working_set_budget(q))
 
 
 @pytest.mark.slow
@@ -201,3 +211,106 @@ print(base // 1024, peak // 1024)
     base_mb, peak_mb = map(int, res.stdout.split())
     # A dense score matrix alone would be 24 * 16896^2 * 4 B = 27 GB.
     assert peak_mb < 4096, f"peak RSS {peak_mb} MB"
+
+
+# --- memory: the working set is sized from the problem and the free memory ---
+
+# (batch, heads, head_dim, text_len, h, w, window, down_factor, dtype); v is a
+# strided view like FLUX's (B, L, 3, H, D) qkv split.
+BUDGET_SHAPES = [
+    (1, 4, 32, 16, 24, 24, 3, 2, torch.float64),
+    (2, 3, 32, 9, 20, 27, 4, 1, torch.float32),
+    (1, 4, 32, 16, 24, 24, 5, 2, torch.bfloat16),
+]
+
+
+def _flux_like_inputs(B, H, D, L, dtype):
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, L, 3, H, D, generator=gen, dtype=torch.float64).to(dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    return q.contiguous(), k.contiguous(), v  # FLUX's rope makes q, k contiguous; v stays a view
+
+
+@pytest.mark.parametrize("B,H,D,T,h,w,r,d,dtype", BUDGET_SHAPES)
+def test_working_set_stays_within_the_budget_and_shrinks_with_free_memory(monkeypatch, B, H, D, T, h, w, r, d,
+                                                                          dtype):
+    """Everything the torch path allocates besides its output (scores, exp,
+    masks, gathered float32 keys/values, partial outputs, pooled keys) fits the
+    budget: with plenty of memory, and on a device with little free memory,
+    where the chunks get smaller and the result stays exact."""
+    L = T + h * w
+    q, k, v = _flux_like_inputs(B, H, D, L, dtype)
+    sw = torch.rand(d, d, dtype=torch.float64) if d > 1 else None
+    ref = clear_oracle(q, k, v, T, (h, w), r, d, sw)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
+    peaks = []
+    for free in (None, 16 << 20):  # the real free memory, then a device with 16 MiB free
+        if free is not None:
+            _free_memory_is(monkeypatch, free)
+        budget = reference.working_set_budget(q)
+        with LiveBytes() as mode:
+            out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=d, spatial_weight=sw,
+                                  backend="torch")
+        work = mode.peak - out.numel() * out.element_size()
+        assert work <= budget, (free, work, budget)
+        assert rel_err(out, ref) < tol
+        peaks.append(work)
+    assert budget == (16 << 20) * reference.FREE_MEMORY_FRACTION
+    assert peaks[1] < peaks[0] / 2, peaks  # the small device really got smaller chunks
+
+
+def test_budget_comes_from_the_problem_and_the_free_memory(monkeypatch):
+    q = torch.empty(1, 24, 16384 + 512, 128, device="meta")  # FLUX at 2K: a float32 copy of q is 207 MiB
+    _free_memory_is(monkeypatch, 64 << 30)
+    assert reference.working_set_budget(q) == q.numel() * 4
+    assert reference.working_set_budget(q.double()) == q.numel() * 8  # float64 computes in float64
+    assert reference.working_set_budget(q[:, :1, :100]) == reference.MIN_BUDGET_BYTES  # small problems
+    _free_memory_is(monkeypatch, 1 << 30)
+    assert reference.working_set_budget(q) == 128 << 20  # an eighth of what is free
+    _free_memory_is(monkeypatch, None)  # unknown: the problem decides
+    assert reference.working_set_budget(q) == q.numel() * 4
+
+
+def test_free_memory_is_read_without_comfyui_or_psutil(monkeypatch):
+    free = reference.free_memory(torch.device("cpu"))
+    assert isinstance(free, int) and free > 0
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now fails
+    fallback = reference.free_memory("cpu")
+    assert fallback is None or fallback > 0
+    if sys.platform.startswith("linux"):  # /proc/meminfo
+        assert abs(fallback - free) < max(free // 4, 1 << 30)
+
+
+# Sizes of ComfyUI's comparison: tiny; a 128x128 latent on a small model;
+# FLUX-like (a 1536 px image's 96x96 grid, 8 of FLUX's 24 heads, r = 16).
+COMFYUI_CASES = [
+    [1, 3, 16, 5, 6, 6, 3],
+    [1, 2, 64, 8, 64, 64, 8],
+    [1, 8, 128, 64, 96, 96, 16],
+]
+# RSS is counted in pages and allocator arenas: a few MiB of noise.
+RSS_TOLERANCE = 8 << 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
+def test_peak_memory_is_at_most_comfyuis_own_attention(comfyui):
+    """The same (B, H, L, D) call on the CPU, each implementation in its own
+    process: ours through the torch path, ComfyUI's through the
+    optimized_attention it picks on this device (sub-quadratic on CPU). Peak
+    live tensor bytes (exact) and peak resident-set rise (what a user sees)."""
+    import json
+    import os
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_attention_peak.py")
+    results = {}
+    for impl in ("clear", "comfyui"):
+        res = subprocess.run([sys.executable, script, impl, json.dumps(COMFYUI_CASES)], capture_output=True,
+                             text=True, timeout=600, env={**os.environ, "COMFYUI_PATH": comfyui})
+        assert res.returncode == 0, res.stderr[-3000:]
+        results[impl] = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    for ours, theirs in zip(results["clear"], results["comfyui"]):
+        what = f"{ours['case']}: ours {ours} vs ComfyUI's {theirs}"
+        assert ours["case"] == theirs["case"]
+        assert ours["live"] <= theirs["live"], what
+        assert ours["rss"] <= theirs["rss"] + RSS_TOLERANCE, what
+    assert len(results["clear"]) == len(COMFYUI_CASES)
