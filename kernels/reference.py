@@ -18,10 +18,11 @@ TILE = 16
 
 # One chunk may use at most this share of the device's free memory...
 FREE_MEMORY_FRACTION = 1 / 8
-# ... and at most one compute-dtype copy of q (ComfyUI's own chunked attention
-# holds a float32 score block of min(L, 4096) x L per head, i.e. 2L/D times
-# that and more), but never less than this floor, so small problems run in a
-# few chunks.
+# ... and at most one compute-dtype copy of q, but never less than this floor,
+# so mid-sized problems run in few chunks (small chunks are slow on busy CPUs
+# and on GPUs). Also never more than half a dense L x L score matrix: a dense
+# attention builds that matrix (ComfyUI's sub-quadratic one, min(L, 4096)
+# query rows of it at a time, plus an exp copy), so ours stays below it.
 MIN_BUDGET_BYTES = 64 << 20
 
 
@@ -81,15 +82,16 @@ def _compute_dtype(dtype):
 def working_set_budget(q):
     """Bytes one chunk of the torch path may hold at once, for attention on ``q``.
 
-    At most one compute-dtype copy of q (at least MIN_BUDGET_BYTES) and at most
-    FREE_MEMORY_FRACTION of the device's free memory. A chunk never goes below
-    one tile (or one text row) of one head, so a tiny budget means many small
-    chunks, never a failure.
+    min(max(one compute-dtype copy of q, MIN_BUDGET_BYTES), half a dense
+    B*H*L*L score matrix, FREE_MEMORY_FRACTION of the device's free memory).
+    A chunk never goes below one tile (or one text row) of one head, so a tiny
+    budget means many small chunks, never a failure.
     """
+    B, H, L, _ = q.shape
     c = torch.empty((), dtype=_compute_dtype(q.dtype)).element_size()
-    budget = max(q.numel() * c, MIN_BUDGET_BYTES)
+    budget = min(max(q.numel() * c, MIN_BUDGET_BYTES), B * H * L * L * c // 2)
     # Reading free memory under torch.compile would break the graph; the
-    # problem-sized cap alone is used there.
+    # problem-sized caps alone are used there.
     if not torch.compiler.is_compiling():
         free = free_memory(q.device)
         if free is not None:
@@ -211,6 +213,8 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
     e = q.element_size()
     g = c + (e if q.dtype != dtype else 0)  # a gathered copy in the compute dtype, and its source
     budget = working_set_budget(q)
+    if pooled_k is not None:  # held all along, so they count against the budget
+        budget -= pooled_k.numel() * pooled_k.element_size() + pooled_v.numel() * pooled_v.element_size()
     out = torch.empty_like(q)
 
     if T > 0:
@@ -234,10 +238,11 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
     xs = sorted({min(x, w - tx) for x in range(0, w, tx)})
     tiles = [(y, x) for y in ys for x in xs]
 
-    # Bytes held at once, counted per (batch, head, tile): gathered queries,
-    # keys and values; the scores of all key groups (softmax runs in place);
-    # the output accumulator, one matmul product and the cast result.
-    per_tile = (tq + 2 * kw) * D * g + tq * (kw + T + P) * c + tq * D * (2 * c + e) + 4 * tq * c
+    # Bytes held at once, counted per (batch, head, tile): the scores of all
+    # key groups (softmax runs in place); the gathered keys, then values (keys
+    # are freed once scored); queries, the output accumulator, one matmul
+    # product and the cast result.
+    per_tile = tq * (kw + T + P) * c + kw * D * g + tq * D * (g + 2 * c + e) + 4 * tq * c
     # per (batch, head): text and pooled keys and values in the compute dtype
     per_head = 2 * (T + P) * D * g
     # per tile, shared by heads: int32 distances while building, the bool mask, indices
@@ -260,8 +265,8 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
         n = len(chunk)
         y0 = torch.tensor([y for y, _ in chunk], device=device, dtype=torch.int32)
         x0 = torch.tensor([x for _, x in chunk], device=device, dtype=torch.int32)
-        ky0 = torch.tensor([min(_local_window(y, ty, r, h)[0], h - wy) for y, _ in chunk],
-                           device=device, dtype=torch.int32)
+        key_rows = [min(_local_window(y, ty, r, h)[0], h - wy) for y, _ in chunk]
+        ky0 = torch.tensor(key_rows, device=device, dtype=torch.int32)
         kx0 = torch.tensor([min(_local_window(x, tx, r, w)[0], w - wx) for _, x in chunk],
                            device=device, dtype=torch.int32)
         qy, qx = y0[:, None] + ty_off, x0[:, None] + tx_off  # (n, ty), (n, tx)
@@ -279,7 +284,7 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
         else:
             q_sel = (qy[:, :, None].long() * w + qx[:, None, :]).reshape(n, tq)
         if n == 1 and wx == w:
-            k_sel = slice(int(ky0[0]) * w, int(ky0[0]) * w + kw)
+            k_sel = slice(key_rows[0] * w, key_rows[0] * w + kw)
         else:
             k_sel = (ky[:, :, None].long() * w + kx[:, None, :]).reshape(n, kw)
         del qy, qx, ky, kx
