@@ -134,6 +134,15 @@ def _flux_model(model):
     return diffusion_model
 
 
+def _base_pe_embedder(model):
+    """(embedder, theta) that NTK scaling starts from: never a CLEAR-scaled one, so
+    factors do not compound. The live module may still hold another clone's
+    object patch after sampling; get_model_object returns this patcher's own
+    object patch, else the unpatched original ComfyUI keeps while patched."""
+    embedder = model.get_model_object("diffusion_model.pe_embedder")
+    return embedder, getattr(embedder, "clear_base_theta", embedder.theta)  # an earlier CLEAR node's: its base
+
+
 def _settings(weights, window_size, down_factor, file_down_factor):
     """(window, down_factor) to run with; 0 means what the file was trained with."""
     trained = TRAINING_FREE_DEFAULT if weights == TRAINING_FREE else training_setting(weights)
@@ -198,9 +207,10 @@ def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down
 
     if rope_ntk_factor != 1.0:
         from comfy.ldm.flux.layers import EmbedND
-        base = diffusion_model.pe_embedder  # the model's own, never a patched one: factors don't compound
-        embedder = EmbedND(dim=base.dim, theta=base.theta * rope_ntk_factor, axes_dim=list(base.axes_dim))
+        base, base_theta = _base_pe_embedder(model)
+        embedder = EmbedND(dim=base.dim, theta=base_theta * rope_ntk_factor, axes_dim=list(base.axes_dim))
         embedder.clear_ntk_factor = rope_ntk_factor
+        embedder.clear_base_theta = base_theta
         m.add_object_patch("diffusion_model.pe_embedder", embedder)
     elif hasattr(m.object_patches.get("diffusion_model.pe_embedder"), "clear_ntk_factor"):
         del m.object_patches["diffusion_model.pe_embedder"]  # an earlier CLEAR node's NTK patch

@@ -1,0 +1,54 @@
+"""Field-test failures of issue 10, each reproduced through ComfyUI's real
+sampling path on the tiny FLUX (tests/flux_tiny.py): re-runs after changing a
+setting, chained CLEAR nodes, later attention overrides, odd weight files and
+out-of-range inputs."""
+
+import logging
+import math
+
+import pytest
+import torch
+
+from test_patch import _conditioning, _sample, env  # noqa: F401  (env is a fixture)
+
+pytestmark = pytest.mark.comfyui
+
+FREE = "none (training-free)"
+
+
+def _record_theta(patcher, seen):
+    """Record the rotary base FLUX really uses in each call of ``patcher``."""
+    import comfy.patcher_extension
+
+    def wrapper(executor, *args, **kwargs):
+        seen.append(executor.class_obj.pe_embedder.theta)
+        return executor(*args, **kwargs)
+
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_theta", wrapper)
+    return patcher
+
+
+@pytest.mark.parametrize("order", ["A B", "A B A", "B A base B", "A A2 A", "A chainB"])
+def test_rope_ntk_factor_never_compounds(env, order):
+    """Issue 10.1: every clone runs with the model's theta x its own factor, however
+    often the node runs (fresh clones after a setting change) and in any order."""
+    clear_patch, flux_tiny, _, _ = env
+    model = flux_tiny.make_tiny_flux()
+    base = model.get_model_object("diffusion_model.pe_embedder").theta
+    latent = torch.randn(1, 16, 6, 6, generator=torch.Generator().manual_seed(1))
+    positive = _conditioning(1, 3, seed=2)
+    node = clear_patch.CLEARAttentionPatch()
+    factors = {"A": 4.0, "A2": 4.0, "B": 10.0, "chainB": 10.0, "base": 1.0}
+    made = {}
+    for name in order.split():
+        if name == "base":
+            patched = model
+        elif name.startswith("chain"):  # a second CLEAR node after the last one
+            (patched,) = node.patch(last, FREE, 2, 0, False, factors[name])
+        else:  # the node runs again on the user's model, e.g. after a setting changed
+            (patched,) = node.patch(model, FREE, 2, 0, False, factors[name])
+        made[name] = last = patched
+        seen = []
+        _sample(_record_theta(patched.clone(), seen), latent, positive)
+        assert seen and set(seen) == {base * factors[name]}, (name, seen)
+    assert model.get_model_object("diffusion_model.pe_embedder").theta == base
