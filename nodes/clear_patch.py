@@ -21,8 +21,8 @@ import functools
 import logging
 import math
 
-from .weights import (TRAINING_FREE, apply_clear_weights, load_clear_weights, resolve_weight_file,
-                      training_setting, weight_choices)
+from .weights import (TRAINING_FREE, apply_clear_weights, load_clear_weights, remove_clear_weights,
+                      resolve_weight_file, training_setting, weight_choices)
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,9 @@ def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down
     window, down = _settings(weights, window_size, down_factor, file_down)
 
     m = model.clone()
-    if clear_weights is not None:
+    if clear_weights is None:
+        remove_clear_weights(m)  # an earlier CLEAR node's file: training-free replaces it too
+    else:
         apply_clear_weights(m, clear_weights)
         if down > 1 and file_down == 1:
             _warn_once(f"CLEAR: '{weights}' has no pooling weights; down_factor={down} uses mean pooling.")

@@ -25,6 +25,7 @@ a file that is not exactly a CLEAR file for this model must not half-apply.
 
 import os
 import re
+import uuid
 import weakref
 from dataclasses import dataclass, field
 
@@ -325,13 +326,7 @@ def apply_clear_weights(model_patcher, weights):
         raise CLEARWeightsError(f"CLEAR weight file {weights.path}: the model has no {missing[:3]}; "
                                 "load the file against this model (load_clear_weights)")
 
-    previous = model_patcher.get_attachment(ATTACHMENT)
-    if previous is not None:
-        stale = {id(v) for v in previous.patches.values()}
-        for key in {_patch_key(k) for k in previous.patches}:
-            if key in model_patcher.patches:
-                model_patcher.patches[key] = [p for p in model_patcher.patches[key] if id(p[1]) not in stale]
-
+    remove_clear_weights(model_patcher)
     before = {key: len(model_patcher.patches.get(key, [])) for key in map(_patch_key, weights.patches)}
     added = model_patcher.add_patches(weights.patches, 1.0, 1.0)  # appends, and renews patches_uuid
     assert len(added) == len(weights.patches)
@@ -339,3 +334,22 @@ def apply_clear_weights(model_patcher, weights):
         current = model_patcher.patches[key]
         model_patcher.patches[key] = current[n_before:] + current[:n_before]  # ours first, in file order
     model_patcher.set_attachments(ATTACHMENT, weights)
+
+
+def remove_clear_weights(model_patcher):
+    """Take the CLEAR patches (and attachment) an earlier CLEAR node added off an
+    already-cloned ModelPatcher; other patches (LoRAs) stay, in order."""
+    previous = model_patcher.get_attachment(ATTACHMENT)
+    if previous is None:
+        return
+    stale = {id(v) for v in previous.patches.values()}
+    for key in {_patch_key(k) for k in previous.patches}:
+        kept = [p for p in model_patcher.patches.get(key, []) if id(p[1]) not in stale]
+        if kept:
+            model_patcher.patches[key] = kept
+        else:
+            model_patcher.patches.pop(key, None)
+    model_patcher.remove_attachments(ATTACHMENT)
+    # ComfyUI re-patches a loaded model only when this id changes; without it the
+    # removed weights would stay in a model still loaded from the earlier clone.
+    model_patcher.patches_uuid = uuid.uuid4()

@@ -52,3 +52,26 @@ def test_rope_ntk_factor_never_compounds(env, order):
         _sample(_record_theta(patched.clone(), seen), latent, positive)
         assert seen and set(seen) == {base * factors[name]}, (name, seen)
     assert model.get_model_object("diffusion_model.pe_embedder").theta == base
+
+
+@pytest.mark.parametrize("first_file,down", [("clear_local_3.safetensors", 1), ("clear_local_2_down_2.safetensors", 2)])
+def test_training_free_after_a_file_drops_the_file_weights(env, first_file, down):
+    """Issue 10.2: CLEAR(file) -> CLEAR(training-free) is exactly CLEAR(training-free):
+    no weight patches, no attachment, no pooling weights of the file, even when
+    the first model was sampled (and so is still loaded with its weights)."""
+    from comfyui_clear.nodes import weights
+
+    clear_patch, flux_tiny, _, _ = env
+    model = flux_tiny.make_tiny_flux()
+    latent = torch.randn(1, 16, 10, 8, generator=torch.Generator().manual_seed(3))
+    positive = _conditioning(1, 4, seed=4)
+    node = clear_patch.CLEARAttentionPatch()
+    (first,) = node.patch(model, first_file, 0, 0, False, 1.0)
+    with_file = _sample(first, latent, positive)
+    (second,) = node.patch(first, FREE, 2, down, False, 1.0)
+    (direct,) = node.patch(model, FREE, 2, down, False, 1.0)
+    assert not second.patches and second.get_attachment(weights.ATTACHMENT) is None
+    out = _sample(second, latent, positive)
+    expected = _sample(direct, latent, positive)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6), (out - expected).abs().max()
+    assert not torch.allclose(out, with_file, rtol=1e-3, atol=1e-3)  # the comparison can fail
