@@ -65,7 +65,8 @@ def _layout_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_l
             "outside the image grid. Use the model without the CLEAR Attention Patch for Kontext edits.")
     p = executor.class_obj.patch_size
     grid = ((x.shape[-2] + p // 2) // p, (x.shape[-1] + p // 2) // p)  # as Flux.process_img pads
-    transformer_options = {**transformer_options, "clear_tokens": (context.shape[1], grid)}
+    transformer_options = {**transformer_options, "clear_tokens": (context.shape[1], grid),
+                           "optimized_attention_override": _override_on_top(transformer_options)}
     return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
 
 
@@ -111,6 +112,29 @@ def _clear_attention_override(func, *args, previous=None, **kwargs):
         return out
     b, h, length, d = out.shape
     return out.transpose(1, 2).reshape(b, length, h * d)
+
+
+def _is_clear_override(obj):
+    return isinstance(obj, functools.partial) and obj.func is _clear_attention_override
+
+
+def _override_on_top(transformer_options):
+    """CLEAR's attention override, on top of whatever override this call carries.
+
+    A node placed after CLEAR that sets ``optimized_attention_override`` without
+    chaining (another attention backend, Sage-style patches) would otherwise turn
+    CLEAR off silently while its distilled weights stay: re-installed here on
+    every model call (as ComfyUI's own block-sparse attention node does each
+    step), CLEAR takes its calls and the other override keeps the rest."""
+    current = transformer_options.get("optimized_attention_override")
+    if _is_clear_override(current):
+        return current
+    change = ("removed the attention override" if current is None else
+              f"set the attention override ({getattr(current, '__qualname__', type(current).__name__)}) "
+              "without keeping CLEAR's")
+    _warn_once(f"CLEAR: a node after the CLEAR Attention Patch {change}; CLEAR re-installs its override: "
+               "the FLUX blocks run CLEAR attention and every other attention call goes to the other override.")
+    return functools.partial(_clear_attention_override, previous=current)
 
 
 def _unwrap(obj, func):

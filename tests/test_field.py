@@ -75,3 +75,63 @@ def test_training_free_after_a_file_drops_the_file_weights(env, first_file, down
     expected = _sample(direct, latent, positive)
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6), (out - expected).abs().max()
     assert not torch.allclose(out, with_file, rtol=1e-3, atol=1e-3)  # the comparison can fail
+
+
+def _other_override(calls):
+    def sage_like_override(func, *args, **kwargs):  # a later attention node that does not chain
+        calls.append(args[0].shape)
+        return func(*args, **kwargs)
+    return sage_like_override
+
+
+def _plain_block(args, extra):
+    """A dit block patch of another extension that replaces CLEAR's on one block:
+    that block's attention is not CLEAR's."""
+    return extra["original_block"]({**args, "transformer_options": {
+        k: v for k, v in args["transformer_options"].items() if k != "clear_layer"}})
+
+
+def test_a_later_attention_override_does_not_turn_clear_off(env, caplog, monkeypatch):
+    """Issue 10.3: a node after CLEAR that sets optimized_attention_override without
+    chaining: CLEAR still runs in its blocks, the other override gets every other
+    attention call, and the log says so once."""
+    clear_patch, flux_tiny, _, _ = env
+    monkeypatch.setattr(clear_patch, "_warned", set())
+    model = flux_tiny.make_tiny_flux()
+    latent = torch.randn(1, 16, 10, 10, generator=torch.Generator().manual_seed(5))
+    positive = _conditioning(1, 4, seed=6)
+    (patched,) = clear_patch.CLEARAttentionPatch().patch(model, "clear_local_3.safetensors", 0, 0, False, 1.0)
+    patched.set_model_patch_replace(_plain_block, "dit", "single_block", 1)
+    expected = _sample(patched, latent, positive)
+
+    calls = []
+    later = patched.clone()
+    later.model_options["transformer_options"]["optimized_attention_override"] = _other_override(calls)
+    with caplog.at_level(logging.WARNING):
+        out = _sample(later, latent, positive)
+        _sample(later, latent, positive)
+    assert torch.equal(out, expected)
+    assert len(calls) == 2  # the one block CLEAR does not take, in each of the two runs
+    assert len([r for r in caplog.records if "sage_like_override" in r.getMessage()]) == 1
+
+    import comfy.patcher_extension
+
+    dense = later.clone()  # the same chain with CLEAR's override really gone is not the same image
+    dense.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, clear_patch.WRAPPER_KEY)
+    assert not torch.allclose(_sample(dense, latent, positive), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_comfyui_attention_backend_node_after_clear_keeps_clear(env):
+    """ComfyUI's own "Model Attention Backend" node (newer ComfyUI) placed after
+    CLEAR replaces the override without chaining: the image stays CLEAR's."""
+    advanced = pytest.importorskip("comfy_extras.nodes_model_advanced")
+    if not hasattr(advanced, "ModelAttentionBackend"):
+        pytest.skip("this ComfyUI has no Model Attention Backend node")
+    clear_patch, flux_tiny, _, _ = env
+    model = flux_tiny.make_tiny_flux()
+    latent = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(7))
+    positive = _conditioning(1, 5, seed=8)
+    (patched,) = clear_patch.CLEARAttentionPatch().patch(model, "clear_local_3.safetensors", 0, 0, False, 1.0)
+    (backend,) = advanced.ModelAttentionBackend().patch(patched, "pytorch attention")
+    assert not clear_patch._is_clear_override(backend.model_options["transformer_options"]["optimized_attention_override"])
+    assert torch.equal(_sample(backend, latent, positive), _sample(patched, latent, positive))
