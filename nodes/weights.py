@@ -187,6 +187,12 @@ def _flux_layout(model_patcher, fail):
     return sorted(double), sorted(single), hidden
 
 
+def _all_finite(t):
+    if t.element_size() == 1:  # float8 types have no isfinite kernel; float32 holds every fp8 value
+        return all(bool(torch.isfinite(chunk.float()).all()) for chunk in t.reshape(-1).split(1 << 24))
+    return bool(torch.isfinite(t).all())
+
+
 def _read_file(path, fail):
     from safetensors import safe_open
 
@@ -201,7 +207,7 @@ def _read_file(path, fail):
     except Exception as exc:  # SafetensorError / OSError on truncated, foreign or missing files
         fail(f"it cannot be read as safetensors ({type(exc).__name__}: {exc}); "
              "the file is missing, truncated or corrupt: delete it and download it again")
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not _all_finite(t)]
     tensors.non_finite = set(bad)  # checked once per read, reported against the model below
     _file_cache[key] = tensors
     return tensors

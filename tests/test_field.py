@@ -135,3 +135,34 @@ def test_comfyui_attention_backend_node_after_clear_keeps_clear(env):
     (backend,) = advanced.ModelAttentionBackend().patch(patched, "pytorch attention")
     assert not clear_patch._is_clear_override(backend.model_options["transformer_options"]["optimized_attention_override"])
     assert torch.equal(_sample(backend, latent, positive), _sample(patched, latent, positive))
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+def test_float8_clear_file_loads_and_matches_the_reference(env, fp8, tmp_path):
+    """Issue 10.5: a CLEAR file saved in float8 loads (isfinite has no float8
+    kernel) and samples exactly like the reference with the same fp8 values."""
+    from test_patch import _reference_model
+
+    clear_patch, flux_tiny, _, folder = env
+    name = f"clear_local_3_{str(fp8).split('_')[-1]}.safetensors"
+    sd = flux_tiny.write_clear_file(folder / name, seed=21, dtype=fp8, hidden=256, depth=2, depth_single=2)
+    model = flux_tiny.make_tiny_flux()
+    (patched,) = clear_patch.CLEARAttentionPatch().patch(model, name, 0, 0, False, 1.0)
+    latent = torch.randn(1, 16, 8, 10, generator=torch.Generator().manual_seed(9))
+    positive = _conditioning(1, 3, seed=10)
+    ref, calls = _reference_model(flux_tiny, {k: v.float() for k, v in sd.items()}, 3, 1, False, 1.0, (4, 5), 3)
+    out, expected = _sample(patched, latent, positive), _sample(ref, latent, positive)
+    assert calls[0] > 0 and ((out - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def test_float8_clear_file_with_nan_gets_the_usual_error(env, tmp_path):
+    from comfyui_clear.nodes import weights
+
+    clear_patch, flux_tiny, _, _ = env
+    sd = flux_tiny.clear_state_dict(seed=22, dtype=torch.float32)
+    sd["transformer_blocks.1.attn.to_q.weight"][5, 6] = float("nan")
+    path = tmp_path / "clear_local_3_nan.safetensors"
+    from safetensors.torch import save_file
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in sd.items()}, str(path))
+    with pytest.raises(weights.CLEARWeightsError, match=r"clear_local_3_nan.*to_q.weight' is not finite"):
+        clear_patch.CLEARAttentionPatch().patch(flux_tiny.make_tiny_flux(), str(path), 0, 0, False, 1.0)
