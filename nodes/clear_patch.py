@@ -167,9 +167,14 @@ def _base_pe_embedder(model):
     return embedder, getattr(embedder, "clear_base_theta", embedder.theta)  # an earlier CLEAR node's: its base
 
 
-def _settings(weights, window_size, down_factor, file_down_factor):
+def _settings(weights, window_size, down_factor, file_down_factor, path=None):
     """(window, down_factor) to run with; 0 means what the file was trained with."""
     trained = TRAINING_FREE_DEFAULT if weights == TRAINING_FREE else training_setting(weights)
+    if trained is not None and min(trained) < 1:
+        raise CLEARPatchError(
+            f"CLEAR weight file '{path or weights}': its name or safetensors metadata says it was trained with "
+            f"window_size={trained[0]}, down_factor={trained[1]}, but both must be >= 1. Fix the name "
+            "(clear_local_<r>[_down_<d>]) or the metadata, or pick another file.")
     if trained is None:
         if window_size == 0:
             raise CLEARPatchError(
@@ -198,7 +203,8 @@ def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down
     if weights != TRAINING_FREE:
         clear_weights = load_clear_weights(resolve_weight_file(weights), model)  # validates, no side effects
         file_down = clear_weights.down_factor
-    window, down = _settings(weights, window_size, down_factor, file_down)
+    window, down = _settings(weights, window_size, down_factor, file_down,
+                             clear_weights.path if clear_weights is not None else None)
 
     m = model.clone()
     if clear_weights is None:

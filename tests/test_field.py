@@ -16,6 +16,12 @@ pytestmark = pytest.mark.comfyui
 FREE = "none (training-free)"
 
 
+@pytest.fixture(scope="module")
+def tiny(env):
+    """One tiny FLUX for tests that only patch (patching never modifies it)."""
+    return env[1].make_tiny_flux()
+
+
 def _record_theta(patcher, seen):
     """Record the rotary base FLUX really uses in each call of ``patcher``."""
     import comfy.patcher_extension
@@ -166,3 +172,22 @@ def test_float8_clear_file_with_nan_gets_the_usual_error(env, tmp_path):
     save_file({k: v.to(torch.float8_e4m3fn) for k, v in sd.items()}, str(path))
     with pytest.raises(weights.CLEARWeightsError, match=r"clear_local_3_nan.*to_q.weight' is not finite"):
         clear_patch.CLEARAttentionPatch().patch(flux_tiny.make_tiny_flux(), str(path), 0, 0, False, 1.0)
+
+
+@pytest.mark.parametrize("name,metadata", [
+    ("clear_local_0.safetensors", None),
+    ("clear_local_4_down_0.safetensors", None),
+    ("distilled_meta_zero.safetensors", {"window_size": "0"}),
+    ("distilled_meta_negative.safetensors", {"window_size": "-4"}),
+    ("distilled_meta_down_zero.safetensors", {"clear.window_size": "8", "clear.down_factor": "0"}),
+])
+@pytest.mark.parametrize("window_size", [0, 5])
+def test_file_trained_with_a_radius_below_one_is_refused_at_patch_time(env, tiny, name, metadata, window_size):
+    """Issue 10.6: one error naming the file, at patch time (not when sampling),
+    whether or not the user overrides the radius."""
+    from safetensors.torch import save_file
+
+    clear_patch, flux_tiny, _, folder = env
+    save_file(flux_tiny.clear_state_dict(seed=23), str(folder / name), metadata=metadata)
+    with pytest.raises(clear_patch.CLEARPatchError, match=rf"{name}.*must be >= 1"):
+        clear_patch.CLEARAttentionPatch().patch(tiny, name, window_size, 0, False, 1.0)
