@@ -20,6 +20,7 @@ user's model is never modified:
 import functools
 import logging
 import math
+import numbers
 
 from .weights import (TRAINING_FREE, apply_clear_weights, load_clear_weights, remove_clear_weights,
                       resolve_weight_file, training_setting, weight_choices)
@@ -80,6 +81,30 @@ def _clear_block(args, extra, *, layer, previous=None):
     return extra["original_block"](args)
 
 
+def _fit_to_grid(window, down_factor, spatial_weight, grid):
+    """(window, down_factor, spatial_weight) clamped to the token grid, computing
+    the same attention: a radius past the grid's diagonal already sees the whole
+    grid, and a pooling block larger than the grid is one edge-padded block whose
+    padding offsets (copies of the last real row/column) fold into the last
+    offset's weight. Keeps huge inputs from overflowing or taking minutes."""
+    h, w = grid
+    window = min(window, math.isqrt((h - 1) ** 2 + (w - 1) ** 2) + 1)
+    n = max(h, w, 2)  # >= 2: a pooled key stays a pooled key on a 1x1 grid
+    if down_factor <= n:
+        return window, down_factor, spatial_weight
+    import torch
+
+    if spatial_weight is None:  # mean pooling, without building a d x d matrix for a huge d
+        counts = torch.ones(n, dtype=torch.float64)
+        counts[-1] = down_factor - n + 1
+        folded = torch.outer(counts / down_factor, counts / down_factor)
+    else:
+        sw = spatial_weight.reshape(down_factor, down_factor).double()
+        sw = torch.cat([sw[:n - 1], sw[n - 1:].sum(0, keepdim=True)])
+        folded = torch.cat([sw[:, :n - 1], sw[:, n - 1:].sum(1, keepdim=True)], 1)
+    return window, n, folded.float()
+
+
 def _clear_attention_override(func, *args, previous=None, **kwargs):
     """optimized_attention_override: CLEAR inside our blocks, ``func`` elsewhere."""
     options = kwargs.get("transformer_options") or {}
@@ -106,8 +131,9 @@ def _clear_attention_override(func, *args, previous=None, **kwargs):
             f"{q.shape[2]}: another node adds tokens (e.g. reference images, IP-Adapter-style tokens), "
             "which CLEAR's local mask cannot place. Remove that node or the CLEAR Attention Patch.")
     scale = attention_scale(q.shape[-1], text_len, grid, layer["down_factor"], layer["proportional"])
-    out = clear_attention(q, k, v, text_len=text_len, grid=grid, window=layer["window"],
-                          down_factor=layer["down_factor"], spatial_weight=layer["spatial_weight"], scale=scale)
+    window, down, spatial_weight = _fit_to_grid(layer["window"], layer["down_factor"], layer["spatial_weight"], grid)
+    out = clear_attention(q, k, v, text_len=text_len, grid=grid, window=window,
+                          down_factor=down, spatial_weight=spatial_weight, scale=scale)
     if kwargs.get("skip_output_reshape", False):
         return out
     b, h, length, d = out.shape
@@ -158,6 +184,31 @@ def _flux_model(model):
     return diffusion_model
 
 
+def _checked_inputs(weights, window_size, down_factor, proportional_attention, rope_ntk_factor):
+    """The node's inputs, type- and range-checked (ComfyUI checks widget values,
+    but not values linked from other nodes nor calls from Python). Radius and
+    pooling size have no upper bound: at run time they are clamped to what the
+    token grid can use, which changes nothing in the result."""
+    if not isinstance(weights, str):
+        raise CLEARPatchError(f"weights must be a file name from models/clear or '{TRAINING_FREE}', "
+                              f"got {type(weights).__name__} {weights!r}")
+
+    def integer(name, value):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            raise CLEARPatchError(f"{name} must be a whole number >= 0 (0 = the weights' setting), got {value!r}")
+        return int(value)
+
+    if not isinstance(proportional_attention, bool):
+        raise CLEARPatchError(f"proportional_attention must be True or False, got {proportional_attention!r}")
+    if (not isinstance(rope_ntk_factor, numbers.Real) or isinstance(rope_ntk_factor, bool)
+            or not math.isfinite(rope_ntk_factor) or rope_ntk_factor < 1.0):
+        raise CLEARPatchError(f"rope_ntk_factor must be a finite number >= 1.0 (1.0 = off), got {rope_ntk_factor!r}")
+    return (weights, integer("window_size", window_size), integer("down_factor", down_factor),
+            proportional_attention, float(rope_ntk_factor))
+
+
 def _base_pe_embedder(model):
     """(embedder, theta) that NTK scaling starts from: never a CLEAR-scaled one, so
     factors do not compound. The live module may still hold another clone's
@@ -192,11 +243,9 @@ def _settings(weights, window_size, down_factor, file_down_factor, path=None):
 def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down_factor=0,
                 proportional_attention=False, rope_ntk_factor=1.0):
     """Return a clone of ``model`` (a ComfyUI ModelPatcher of FLUX) running CLEAR."""
+    weights, window_size, down_factor, proportional_attention, rope_ntk_factor = _checked_inputs(
+        weights, window_size, down_factor, proportional_attention, rope_ntk_factor)
     diffusion_model = _flux_model(model)
-    if rope_ntk_factor < 1.0 or not math.isfinite(rope_ntk_factor):
-        raise CLEARPatchError(f"rope_ntk_factor must be >= 1.0 (1.0 = off), got {rope_ntk_factor}")
-    if window_size < 0 or down_factor < 0:
-        raise CLEARPatchError("window_size and down_factor must be >= 0 (0 = the file's setting)")
 
     clear_weights = None
     file_down = 1
@@ -240,6 +289,9 @@ def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down
     if rope_ntk_factor != 1.0:
         from comfy.ldm.flux.layers import EmbedND
         base, base_theta = _base_pe_embedder(model)
+        if not math.isfinite(base_theta * rope_ntk_factor):
+            raise CLEARPatchError(f"rope_ntk_factor={rope_ntk_factor:g} makes the rotary base infinite; "
+                                  "the high-resolution recipe uses 10")
         embedder = EmbedND(dim=base.dim, theta=base_theta * rope_ntk_factor, axes_dim=list(base.axes_dim))
         embedder.clear_ntk_factor = rope_ntk_factor
         embedder.clear_base_theta = base_theta

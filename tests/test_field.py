@@ -191,3 +191,100 @@ def test_file_trained_with_a_radius_below_one_is_refused_at_patch_time(env, tiny
     save_file(flux_tiny.clear_state_dict(seed=23), str(folder / name), metadata=metadata)
     with pytest.raises(clear_patch.CLEARPatchError, match=rf"{name}.*must be >= 1"):
         clear_patch.CLEARAttentionPatch().patch(tiny, name, window_size, 0, False, 1.0)
+
+
+@pytest.mark.parametrize("inputs,name", [
+    (dict(weights=None), "weights"),
+    (dict(weights=3), "weights"),
+    (dict(window_size=2.5), "window_size"),
+    (dict(window_size=True), "window_size"),
+    (dict(window_size=-1), "window_size"),
+    (dict(window_size=float("nan")), "window_size"),
+    (dict(window_size=float("inf")), "window_size"),
+    (dict(window_size="8"), "window_size"),
+    (dict(down_factor=None), "down_factor"),
+    (dict(down_factor=1.5), "down_factor"),
+    (dict(down_factor=False), "down_factor"),
+    (dict(down_factor=-2), "down_factor"),
+    (dict(proportional_attention=1), "proportional_attention"),
+    (dict(proportional_attention="false"), "proportional_attention"),
+    (dict(proportional_attention=None), "proportional_attention"),
+    (dict(rope_ntk_factor=float("nan")), "rope_ntk_factor"),
+    (dict(rope_ntk_factor=float("inf")), "rope_ntk_factor"),
+    (dict(rope_ntk_factor=0.5), "rope_ntk_factor"),
+    (dict(rope_ntk_factor=True), "rope_ntk_factor"),
+    (dict(rope_ntk_factor="10"), "rope_ntk_factor"),
+    (dict(rope_ntk_factor=1e305), "rope_ntk_factor"),  # theta 1e4 * 1e305 = inf
+])
+def test_bad_inputs_fail_at_patch_time_naming_the_input(env, tiny, inputs, name):
+    """Issue 10.7: every input is checked when the node runs, not when sampling."""
+    clear_patch = env[0]
+    args = dict(weights=FREE, window_size=4, down_factor=0, proportional_attention=False, rope_ntk_factor=1.0)
+    with pytest.raises(clear_patch.CLEARPatchError, match=name):
+        clear_patch.patch_model(tiny, **{**args, **inputs})
+
+
+def test_whole_number_floats_are_accepted(env, tiny):
+    clear_patch = env[0]
+    patched = clear_patch.patch_model(tiny, FREE, 4.0, 2.0, False, 4)
+    layer = patched.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].keywords["layer"]
+    assert (layer["window"], layer["down_factor"]) == (4, 2) and type(layer["window"]) is int
+
+
+@pytest.mark.parametrize("latent_hw,window,down", [
+    ((10, 8), 10 ** 10, 0),  # a radius far past the grid (OverflowError before) = full image attention
+    ((14, 12), 0, 40),       # 7x6 grid, pooling blocks much larger than the grid
+    ((6, 4), 2, 9),          # 3x2 grid
+])
+def test_huge_window_and_down_factor_match_the_definition(env, latent_hw, window, down):
+    """Issues 10.7 and 10.8: sizes beyond the grid give exactly what CLEAR defines
+    (dense float64 oracle: full-grid window; one edge-padded pooled block)."""
+    from test_patch import _reference_model
+
+    clear_patch, flux_tiny, files, _ = env
+    name = "clear_local_3.safetensors"
+    model = flux_tiny.make_tiny_flux()
+    (patched,) = clear_patch.CLEARAttentionPatch().patch(model, name, window, down, False, 1.0)
+    grid = ((latent_hw[0] + 1) // 2, (latent_hw[1] + 1) // 2)
+    latent = torch.randn(1, 16, *latent_hw, generator=torch.Generator().manual_seed(11))
+    positive = _conditioning(1, 3, seed=12)
+    ref, calls = _reference_model(flux_tiny, files[name], window or 3, down or 1, False, 1.0, grid, 3)
+    out, expected = _sample(patched, latent, positive), _sample(ref, latent, positive)
+    assert calls[0] > 0 and ((out - expected).norm() / expected.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("down", [1000, 10 ** 10])
+def test_huge_down_factor_is_fast(env, tiny, down, monkeypatch):
+    """Issue 10.8: down_factor=1000 on a 7x6 grid took 28 s; the kernel now gets
+    a block no larger than the grid."""
+    import time
+
+    import comfyui_clear.kernels as kernels
+
+    clear_patch = env[0]
+    seen = []
+    op = kernels.clear_attention
+    monkeypatch.setattr(kernels, "clear_attention", lambda *a, **k: seen.append(k["down_factor"]) or op(*a, **k))
+    (patched,) = clear_patch.CLEARAttentionPatch().patch(tiny, FREE, 3, down, False, 1.0)
+    latent = torch.randn(1, 16, 14, 12, generator=torch.Generator().manual_seed(13))
+    start = time.perf_counter()
+    out = _sample(patched, latent, _conditioning(1, 3, seed=14))
+    assert torch.isfinite(out).all() and time.perf_counter() - start < 10
+    assert seen and set(seen) == {7}
+
+
+@pytest.mark.parametrize("grid,down", [((7, 6), 9), ((7, 6), 40), ((1, 1), 5), ((3, 8), 13), ((2, 2), 3)])
+@pytest.mark.parametrize("mean", [True, False])
+def test_pooling_clamp_equals_the_kernels_own_edge_padding(env, grid, down, mean):
+    """The folded block the node passes for d > grid pools exactly like the
+    kernel's edge padding with the original d (the op docs/attention.md defines)."""
+    from comfyui_clear.kernels import pool_image_tokens
+
+    clear_patch = env[0]
+    gen = torch.Generator().manual_seed(down)
+    x = torch.randn(2, 3, grid[0] * grid[1], 8, generator=gen, dtype=torch.float64)
+    sw = None if mean else torch.rand(down, down, generator=gen)
+    window, d, folded = clear_patch._fit_to_grid(10 ** 12, down, sw, grid)
+    assert d == max(*grid, 2) and window == math.isqrt((grid[0] - 1) ** 2 + (grid[1] - 1) ** 2) + 1
+    expected = pool_image_tokens(x, grid, down, sw)
+    assert torch.allclose(pool_image_tokens(x, grid, d, folded.double()), expected, rtol=1e-6, atol=1e-7)
