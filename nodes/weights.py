@@ -74,8 +74,10 @@ def weight_choices():
     import folder_paths
 
     register_model_folder()
+    folders = folder_paths.get_folder_paths(FOLDER)
     on_disk = [f for f in folder_paths.get_filename_list(FOLDER)
-               if f.lower().endswith(EXTENSION) and f not in PUBLISHED]
+               if f.lower().endswith(EXTENSION) and f not in PUBLISHED
+               and any(os.path.isfile(os.path.join(d, f)) for d in folders)]  # not a dangling symlink
     return list(PUBLISHED) + on_disk + [TRAINING_FREE]
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from test_patch import _conditioning, _sample, env  # noqa: F401  (env is a fixture)
+from test_weights import W, clear_folders  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.comfyui
 
@@ -288,3 +289,21 @@ def test_pooling_clamp_equals_the_kernels_own_edge_padding(env, grid, down, mean
     assert d == max(*grid, 2) and window == math.isqrt((grid[0] - 1) ** 2 + (grid[1] - 1) ** 2) + 1
     expected = pool_image_tokens(x, grid, down, sw)
     assert torch.allclose(pool_image_tokens(x, grid, d, folded.double()), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_dangling_symlinks_are_not_offered(W, clear_folders, tmp_path):
+    """Issue 10 (also): a symlink in models/clear whose target is gone (an
+    unmounted drive, a deleted download) is not in the weights dropdown."""
+    import os
+
+    folder = tmp_path / "models" / "clear"
+    (folder / "sub").mkdir(parents=True)
+    (tmp_path / "target.safetensors").write_bytes(b"x")
+    (folder / "real.safetensors").write_bytes(b"x")
+    os.symlink(tmp_path / "target.safetensors", folder / "linked.safetensors")
+    os.symlink(tmp_path / "gone.safetensors", folder / "dangling.safetensors")
+    os.symlink(tmp_path / "gone.safetensors", folder / "sub" / "dangling2.safetensors")
+    os.symlink(tmp_path / "gone.safetensors", folder / "clear_local_8.safetensors")  # published: still offered
+    choices = W.weight_choices()
+    assert sorted(choices[len(W.PUBLISHED):-1]) == ["linked.safetensors", "real.safetensors"]
+    assert "clear_local_8.safetensors" in choices
