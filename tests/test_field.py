@@ -307,3 +307,31 @@ def test_dangling_symlinks_are_not_offered(W, clear_folders, tmp_path):
     choices = W.weight_choices()
     assert sorted(choices[len(W.PUBLISHED):-1]) == ["linked.safetensors", "real.safetensors"]
     assert "clear_local_8.safetensors" in choices
+
+
+def test_replacing_clear_keeps_a_lora(env):
+    """A second CLEAR node (training-free or another file) removes only the first
+    one's weights: a LoRA loaded before or after the first stays applied (either
+    order gives the same patch lists: CLEAR's patches first, then the LoRA's)."""
+    import comfy.sd
+
+    from test_weights import make_lora
+
+    clear_patch, flux_tiny, _, _ = env
+    node = clear_patch.CLEARAttentionPatch()
+    model = flux_tiny.make_tiny_flux()
+
+    def lora(m):
+        return comfy.sd.load_lora_for_models(m, None, make_lora()[0], 1.0, 0)[0]
+
+    latent = torch.randn(1, 16, 10, 12, generator=torch.Generator().manual_seed(15))
+    positive = _conditioning(1, 4, seed=16)
+    first = lora(node.patch(model, "clear_local_3.safetensors", 0, 0, False, 1.0)[0])
+    _sample(first, latent, positive)
+    for weights, window in ((FREE, 3), ("clear_local_2_down_2.safetensors", 0)):
+        (chained,) = node.patch(first, weights, window, 0, False, 1.0)
+        (direct,) = node.patch(lora(model), weights, window, 0, False, 1.0)
+        out, expected = _sample(chained, latent, positive), _sample(direct, latent, positive)
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6), weights
+    (no_lora,) = node.patch(model, weights, window, 0, False, 1.0)
+    assert not torch.allclose(out, _sample(no_lora, latent, positive), rtol=1e-3, atol=1e-3)
