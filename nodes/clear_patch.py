@@ -95,9 +95,9 @@ def _fit_to_grid(window, down_factor, spatial_weight, grid):
     import torch
 
     if spatial_weight is None:  # mean pooling, without building a d x d matrix for a huge d
-        counts = torch.ones(n, dtype=torch.float64)
-        counts[-1] = down_factor - n + 1
-        folded = torch.outer(counts / down_factor, counts / down_factor)
+        share = torch.tensor([1 / down_factor] * (n - 1) + [(down_factor - n + 1) / down_factor],
+                             dtype=torch.float64)  # Python int division: exact enough for any d
+        folded = torch.outer(share, share)
     else:
         sw = spatial_weight.reshape(down_factor, down_factor).double()
         sw = torch.cat([sw[:n - 1], sw[n - 1:].sum(0, keepdim=True)])
@@ -202,11 +202,16 @@ def _checked_inputs(weights, window_size, down_factor, proportional_attention, r
 
     if not isinstance(proportional_attention, bool):
         raise CLEARPatchError(f"proportional_attention must be True or False, got {proportional_attention!r}")
-    if (not isinstance(rope_ntk_factor, numbers.Real) or isinstance(rope_ntk_factor, bool)
-            or not math.isfinite(rope_ntk_factor) or rope_ntk_factor < 1.0):
+    factor = math.nan
+    if isinstance(rope_ntk_factor, numbers.Real) and not isinstance(rope_ntk_factor, bool):
+        try:
+            factor = float(rope_ntk_factor)
+        except OverflowError:  # an int past float's range
+            factor = math.inf
+    if not (math.isfinite(factor) and factor >= 1.0):
         raise CLEARPatchError(f"rope_ntk_factor must be a finite number >= 1.0 (1.0 = off), got {rope_ntk_factor!r}")
     return (weights, integer("window_size", window_size), integer("down_factor", down_factor),
-            proportional_attention, float(rope_ntk_factor))
+            proportional_attention, factor)
 
 
 def _base_pe_embedder(model):

@@ -216,6 +216,7 @@ def test_file_trained_with_a_radius_below_one_is_refused_at_patch_time(env, tiny
     (dict(rope_ntk_factor=True), "rope_ntk_factor"),
     (dict(rope_ntk_factor="10"), "rope_ntk_factor"),
     (dict(rope_ntk_factor=1e305), "rope_ntk_factor"),  # theta 1e4 * 1e305 = inf
+    (dict(rope_ntk_factor=10 ** 400), "rope_ntk_factor"),  # past float: OverflowError before
 ])
 def test_bad_inputs_fail_at_patch_time_naming_the_input(env, tiny, inputs, name):
     """Issue 10.7: every input is checked when the node runs, not when sampling."""
@@ -254,10 +255,10 @@ def test_huge_window_and_down_factor_match_the_definition(env, latent_hw, window
     assert calls[0] > 0 and ((out - expected).norm() / expected.norm()).item() < 1e-4
 
 
-@pytest.mark.parametrize("down", [1000, 10 ** 10])
+@pytest.mark.parametrize("down", [1000, 10 ** 10, 10 ** 400], ids=["1000", "1e10", "1e400"])
 def test_huge_down_factor_is_fast(env, tiny, down, monkeypatch):
     """Issue 10.8: down_factor=1000 on a 7x6 grid took 28 s; the kernel now gets
-    a block no larger than the grid."""
+    a block (and radius) no larger than the grid needs, for any Python int."""
     import time
 
     import comfyui_clear.kernels as kernels
@@ -265,13 +266,14 @@ def test_huge_down_factor_is_fast(env, tiny, down, monkeypatch):
     clear_patch = env[0]
     seen = []
     op = kernels.clear_attention
-    monkeypatch.setattr(kernels, "clear_attention", lambda *a, **k: seen.append(k["down_factor"]) or op(*a, **k))
-    (patched,) = clear_patch.CLEARAttentionPatch().patch(tiny, FREE, 3, down, False, 1.0)
+    monkeypatch.setattr(kernels, "clear_attention",
+                        lambda *a, **k: seen.append((k["window"], k["down_factor"])) or op(*a, **k))
+    (patched,) = clear_patch.CLEARAttentionPatch().patch(tiny, FREE, down, down, False, 1.0)
     latent = torch.randn(1, 16, 14, 12, generator=torch.Generator().manual_seed(13))
     start = time.perf_counter()
     out = _sample(patched, latent, _conditioning(1, 3, seed=14))
     assert torch.isfinite(out).all() and time.perf_counter() - start < 10
-    assert seen and set(seen) == {7}
+    assert seen and set(seen) == {(8, 7)}  # radius 8 > sqrt(6^2 + 5^2) already sees the whole 7x6 grid
 
 
 @pytest.mark.parametrize("grid,down", [((7, 6), 9), ((7, 6), 40), ((1, 1), 5), ((3, 8), 13), ((2, 2), 3)])
