@@ -13,8 +13,11 @@ user's model is never modified:
   ``transformer_options``;
 - ``optimized_attention_override`` runs ``clear_attention`` for attention
   calls inside marked blocks and hands every other call (ControlNet, other
-  models, other extensions) to the attention ComfyUI would have used;
-- RoPE NTK scaling is an object patch of ``diffusion_model.pe_embedder``.
+  models, other extensions) to the attention ComfyUI would have used; the
+  wrapper above puts it back on top in every call, so a later node's
+  override cannot silently replace it;
+- RoPE NTK scaling is an object patch of ``diffusion_model.pe_embedder``, built
+  from the model's own theta (never from an earlier CLEAR node's).
 """
 
 import functools
