@@ -160,13 +160,15 @@ def tiny_detection(G, monkeypatch):
     monkeypatch.setattr(comfy.model_detection, "model_config_from_unet", detect)
 
 
-def load_gguf(G, folders, qtype_name, seed=0):
-    """(ModelPatcher from ComfyUI-GGUF's Unet Loader node, its state dict as gguf_sd_loader reads it)."""
+def load_gguf(G, folders, qtype_name, seed=0, **advanced):
+    """(ModelPatcher from ComfyUI-GGUF's Unet Loader node, or with ``advanced``
+    options its Advanced node; the file's state dict as gguf_sd_loader reads it)."""
     models = folders[0]
     name = f"tiny-flux-{qtype_name}-{seed}.gguf"
     if not (models / name).exists():
         write_gguf(G, models / name, qtype_name, seed)
-    (patcher,) = G.nodes.UnetLoaderGGUF().load_unet(name)
+    node = G.nodes.UnetLoaderGGUFAdvanced() if advanced else G.nodes.UnetLoaderGGUF()
+    (patcher,) = node.load_unet(name, **advanced)
     assert isinstance(patcher, G.nodes.GGUFModelPatcher)
     return patcher, G.loader.gguf_sd_loader(str(models / name))
 
@@ -192,7 +194,7 @@ def recording_linear():
         torch.nn.functional.linear = real
 
 
-def forward_weights(patcher, dtype, lowvram=False):
+def forward_weights(patcher, dtype, lowvram=False, modules=MODULES):
     """module -> (weight, bias) its forward uses on an input of ``dtype``, after
     ComfyUI loads ``patcher`` (fully, or every module low-VRAM). Unpatches afterwards."""
     import comfy.utils
@@ -201,7 +203,7 @@ def forward_weights(patcher, dtype, lowvram=False):
     with torch.no_grad():
         patcher.patch_model(device_to=CPU, lowvram_model_memory=1 if lowvram else 0)
         try:
-            for name in MODULES:
+            for name in modules:
                 m = comfy.utils.get_attr(patcher.model.diffusion_model, name)
                 with recording_linear() as calls:
                     m(torch.zeros(1, m.in_features, dtype=dtype))
@@ -212,17 +214,18 @@ def forward_weights(patcher, dtype, lowvram=False):
     return out
 
 
-def expected_weights(G, gguf_sd, clear_sd, dtype):
+def expected_weights(G, gguf_sd, clear_sd, dtype, dequant_dtype=None, modules=MODULES):
     """module -> (weight, bias) the CLEAR model must compute with: ComfyUI-GGUF's
     dequantization of the file with the CLEAR rows written in. Where a tensor is
     stored F16/F32 ComfyUI patches it at load and keeps that storage dtype."""
     out = {}
-    for name, (prefix, projections) in MODULES.items():
+    for name, (prefix, projections) in modules.items():
         pair = []
         for param in ("weight", "bias"):
             stored = gguf_sd[f"{name}.{param}"]
+            value = G.dequant.dequantize_tensor(stored, dtype, dequant_dtype)
             # a plain copy: GGMLTensor.clone() returns itself, and F32 data is the read-only file mapping
-            value = G.dequant.dequantize_tensor(stored, dtype).as_subclass(torch.Tensor).clone()
+            value = value.as_subclass(torch.Tensor).clone()
             if projections:
                 rows = torch.cat([clear_sd[f"{prefix}{p}.{param}"] for p in projections])
                 storage = stored.dtype if G.dequant.is_torch_compatible(stored) else dtype
@@ -230,6 +233,28 @@ def expected_weights(G, gguf_sd, clear_sd, dtype):
             pair.append(value)
         out[name] = tuple(pair)
     return out
+
+
+def check_forward_weights(G, base, patched, gguf_sd, clear_sd, dtype, lowvram=False, dequant_dtype=None,
+                          modules=MODULES, recheck_base=True):
+    """The CLEAR model computes with CLEAR's rows, biases and proj exactly and with
+    every other row exactly as ComfyUI-GGUF's own forward gives it; the user's model
+    still computes with the file's weights afterwards."""
+    want = expected_weights(G, gguf_sd, clear_sd, dtype, dequant_dtype, modules)
+    raw = forward_weights(base, dtype, modules=modules)
+    got = forward_weights(patched, dtype, lowvram, modules)
+    for name, (prefix, projections) in modules.items():
+        rows = len(projections) * got[name][0].shape[1]  # hidden rows per projection
+        for i, param in enumerate(("weight", "bias")):
+            where = (name, param, dtype, lowvram)
+            assert got[name][i].dtype == dtype, where
+            assert torch.equal(got[name][i], want[name][i]), where
+            assert torch.equal(got[name][i][rows:], raw[name][i][rows:]), where
+            if rows:
+                assert not torch.equal(got[name][i][:rows], raw[name][i][:rows]), where  # CLEAR changed them
+    if recheck_base:
+        again = forward_weights(base, dtype, modules=modules)
+        assert all(torch.equal(again[n][i], raw[n][i]) for n in modules for i in (0, 1))
 
 
 def apply_clear(patcher, folders):
@@ -240,11 +265,10 @@ def apply_clear(patcher, folders):
 
 ALL_TYPES = ["F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0",
              "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"]
+COMMON_TYPES = ["F16", "BF16", "Q8_0", "Q4_K"]  # the FLUX GGUF files most used
 
 
 def test_every_type_comfyui_gguf_dequantizes_is_covered(G):
-    import gguf
-
     types = {t.name for t in G.dequant.dequantize_functions} | {"F16"}  # F32: never converted to
     assert types <= set(ALL_TYPES), types - set(ALL_TYPES)
 
@@ -252,30 +276,19 @@ def test_every_type_comfyui_gguf_dequantizes_is_covered(G):
 @pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_forward_weights_have_clear_rows_exactly(G, folders, tiny_detection, qtype):
     base, gguf_sd = load_gguf(G, folders, qtype)
-    qkv = gguf_sd["double_blocks.0.img_attn.qkv.weight"]
-    assert qkv.tensor_type.name == qtype  # the file really holds this type where CLEAR patches
-    patched = apply_clear(base, folders)  # refused before: the layout check read the stored byte shapes
-    raw32 = forward_weights(base, torch.float32)
-    for dtype in (torch.float32, torch.bfloat16):
-        want = expected_weights(G, gguf_sd, folders[1], dtype)
-        raw = forward_weights(base, dtype)
-        full = forward_weights(patched, dtype)
-        low = forward_weights(patched, dtype, lowvram=True)
-        for name, (prefix, projections) in MODULES.items():
-            for i, param in enumerate(("weight", "bias")):
-                got = full[name][i]
-                assert got.dtype == dtype, (name, param)
-                assert torch.equal(got, want[name][i]), (qtype, dtype, name, param)
-                assert torch.equal(low[name][i], got), (qtype, dtype, name, param, "low-VRAM")
-                rows = 3 * H if len(projections) == 3 else H if projections else 0
-                # untouched rows: exactly what ComfyUI-GGUF's own forward gives without CLEAR
-                assert torch.equal(got[rows:], raw[name][i][rows:]), (qtype, name, param)
-                if rows:
-                    assert not torch.equal(got[:rows], raw[name][i][:rows])  # CLEAR really changed them
-    # the user's model is untouched: its forward still uses the file's weights
-    again = forward_weights(base, torch.float32)
-    for name in MODULES:
-        assert torch.equal(again[name][0], raw32[name][0]) and torch.equal(again[name][1], raw32[name][1]), name
+    assert gguf_sd["double_blocks.0.img_attn.qkv.weight"].tensor_type.name == qtype  # where CLEAR patches
+    patched = apply_clear(base, folders)  # was refused: the layout check read the stored bytes' shapes
+    check_forward_weights(G, base, patched, gguf_sd, folders[1], torch.float32)
+
+
+@pytest.mark.parametrize("qtype", COMMON_TYPES)
+def test_forward_weights_bf16_low_vram_and_advanced_loader(G, folders, tiny_detection, qtype):
+    """As a GPU user runs it: bf16 compute, low-VRAM load, the Advanced loader's options."""
+    options = dict(dequant_dtype="float16", patch_dtype="bfloat16", patch_on_device=True)
+    base, gguf_sd = load_gguf(G, folders, qtype, **options)
+    patched = apply_clear(base, folders)
+    check_forward_weights(G, base, patched, gguf_sd, folders[1], torch.bfloat16, lowvram=True,
+                          dequant_dtype=torch.float16)
 
 
 # --------------------------------------------------------------------------
@@ -297,7 +310,7 @@ def make_lora(seed=5, rank=4, alpha=2.0):
     return sd, deltas
 
 
-@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", COMMON_TYPES)
 def test_lora_before_and_after_clear(G, folders, tiny_detection, qtype):
     import comfy.sd
 
@@ -386,3 +399,65 @@ def test_sampled_output_matches_reference(G, folders, tiny_detection, qtype):
     assert err < 1e-4, err
     assert ((dense - expected).norm() / expected.norm()).item() > 1e-2  # CLEAR really changes the output
     assert torch.equal(_sample(base, latent, positive), dense)  # the user's GGUF model is unchanged
+
+
+# --------------------------------------------------------------------------
+# the field report's case: FLUX.1's real width, ComfyUI-GGUF's loader node as it is
+
+def write_full_width_q8_0(path, seed=0):
+    """FLUX.1 at its real width (3072, as ComfyUI's detection needs) with one block
+    of each kind, typed as llama-quantize types a Q8_0 file (FLUX_UNQUANTIZED and
+    1-D tensors unquantized). Random 64-row bands, repeated (drawing or quantizing
+    0.5 G random values would take most of a minute); Q8_0 blocks: int8 quants
+    with a fixed scale."""
+    import gguf
+
+    from flux_tiny import flux_full_width_shapes
+
+    Q = gguf.GGMLQuantizationType
+    gen = torch.Generator().manual_seed(seed)
+    writer = gguf.GGUFWriter(path=None, arch="flux")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, shape in flux_full_width_shapes(depth=1, depth_single=1).items():
+        if len(shape) == 1:
+            data, ttype = (torch.ones(shape) if key.endswith(".scale") else torch.zeros(shape)).numpy(), Q.F32
+        elif key.startswith(FLUX_UNQUANTIZED):
+            band = (torch.randn(64, shape[1], generator=gen) / shape[1] ** 0.5).half()
+            data, ttype = band.repeat(shape[0] // 64, 1).numpy(), Q.F16
+        else:
+            blocks = torch.randint(0, 256, (64 * shape[1] // 32, 34), dtype=torch.uint8, generator=gen)
+            scale = 1 / (74 * shape[1] ** 0.5)  # int8 uniform quants: std 74
+            blocks[:, :2] = torch.tensor([scale], dtype=torch.float16).view(torch.uint8)
+            data, ttype = blocks.reshape(64, -1).repeat(shape[0] // 64, 1).numpy(), Q.Q8_0
+        writer.add_tensor(key, data, raw_dtype=ttype)
+    writer.write_header_to_file(path=str(path))
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_full_width_q8_0_from_the_unet_loader_gguf_node(G, tmp_path):
+    """No seams: ComfyUI's model detection, ComfyUI-GGUF's node, the CLEAR node,
+    on the stored shapes of the report ((9216, 3264) for a (9216, 3072) qkv)."""
+    import folder_paths
+
+    from comfyui_clear.nodes import clear_patch
+
+    folder_paths.add_model_folder_path("diffusion_models", str(tmp_path))
+    model_file, clear_file = tmp_path / "flux1-dev-1-block-Q8_0.gguf", tmp_path / "clear_local_8.safetensors"
+    try:
+        write_full_width_q8_0(model_file)
+        clear_sd = write_clear_file(clear_file, hidden=3072, depth=1, depth_single=1, seed=41)
+        (base,) = G.nodes.UnetLoaderGGUF().load_unet(model_file.name)
+        stored = base.model_state_dict()["diffusion_model.double_blocks.0.img_attn.qkv.weight"]
+        assert tuple(stored.shape) == (9216, 3072 // 32 * 34)  # what the layout check used to read
+        patched = clear_patch.patch_model(base, str(clear_file))
+        modules = {"double_blocks.0.img_attn.qkv": ("transformer_blocks.0.attn.", ("to_q", "to_k", "to_v")),
+                   "double_blocks.0.img_attn.proj": ("transformer_blocks.0.attn.", ("to_out.0",)),
+                   "single_blocks.0.linear1": ("single_transformer_blocks.0.attn.", ("to_q", "to_k", "to_v"))}
+        gguf_sd = G.loader.gguf_sd_loader(str(model_file))
+        check_forward_weights(G, base, patched, gguf_sd, clear_sd, torch.bfloat16, modules=modules,
+                              recheck_base=False)
+    finally:  # 0.7 GB: pytest keeps recent temporary folders
+        model_file.unlink(missing_ok=True)
+        clear_file.unlink(missing_ok=True)
