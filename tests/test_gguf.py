@@ -168,7 +168,8 @@ def load_gguf(G, folders, qtype_name, seed=0, **advanced):
     if not (models / name).exists():
         write_gguf(G, models / name, qtype_name, seed)
     node = G.nodes.UnetLoaderGGUFAdvanced() if advanced else G.nodes.UnetLoaderGGUF()
-    (patcher,) = node.load_unet(name, **advanced)
+    with torch.inference_mode():  # as ComfyUI executes nodes
+        (patcher,) = node.load_unet(name, **advanced)
     assert isinstance(patcher, G.nodes.GGUFModelPatcher)
     return patcher, G.loader.gguf_sd_loader(str(models / name))
 
@@ -200,7 +201,7 @@ def forward_weights(patcher, dtype, lowvram=False, modules=MODULES):
     import comfy.utils
 
     out = {}
-    with torch.no_grad():
+    with torch.inference_mode():  # as ComfyUI executes every prompt
         patcher.patch_model(device_to=CPU, lowvram_model_memory=1 if lowvram else 0)
         try:
             for name in modules:
@@ -260,7 +261,8 @@ def check_forward_weights(G, base, patched, gguf_sd, clear_sd, dtype, lowvram=Fa
 def apply_clear(patcher, folders):
     from comfyui_clear.nodes import clear_patch
 
-    return clear_patch.patch_model(patcher, str(folders[2]))  # a path: no other test's file of that name
+    with torch.inference_mode():
+        return clear_patch.patch_model(patcher, str(folders[2]))  # a path: no other test's file of that name
 
 
 ALL_TYPES = ["F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0",
@@ -317,10 +319,11 @@ def test_lora_before_and_after_clear(G, folders, tiny_detection, qtype):
     base, gguf_sd = load_gguf(G, folders, qtype)
     lora_sd, deltas = make_lora()
     strength = 0.7
-    lora_first = comfy.sd.load_lora_for_models(base, None, lora_sd, strength, 0)[0]
-    assert all(f"diffusion_model.{m}.weight" in lora_first.patches for m in deltas)  # ComfyUI mapped it
-    lora_then_clear = apply_clear(lora_first, folders)
-    clear_then_lora = comfy.sd.load_lora_for_models(apply_clear(base, folders), None, lora_sd, strength, 0)[0]
+    with torch.inference_mode():
+        lora_first = comfy.sd.load_lora_for_models(base, None, lora_sd, strength, 0)[0]
+        assert all(f"diffusion_model.{m}.weight" in lora_first.patches for m in deltas)  # ComfyUI mapped it
+        lora_then_clear = apply_clear(lora_first, folders)
+        clear_then_lora = comfy.sd.load_lora_for_models(apply_clear(base, folders), None, lora_sd, strength, 0)[0]
 
     want = expected_weights(G, gguf_sd, folders[1], torch.float32)
     a = forward_weights(lora_then_clear, torch.float32)
@@ -349,8 +352,9 @@ def _sample(model, latent, positive, seed=0):
     import comfy.sample
 
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    return comfy.sample.sample(model, noise, 1, 1.0, "euler", "simple", positive, positive, latent,
-                               denoise=1.0, disable_pbar=True, seed=seed)
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise, 1, 1.0, "euler", "simple", positive, positive, latent,
+                                   denoise=1.0, disable_pbar=True, seed=seed)
 
 
 def _reference(G, gguf_sd, clear_sd, window, grid, T):
@@ -448,10 +452,12 @@ def test_full_width_q8_0_from_the_unet_loader_gguf_node(G, tmp_path):
     try:
         write_full_width_q8_0(model_file)
         clear_sd = write_clear_file(clear_file, hidden=3072, depth=1, depth_single=1, seed=41)
-        (base,) = G.nodes.UnetLoaderGGUF().load_unet(model_file.name)
+        with torch.inference_mode():
+            (base,) = G.nodes.UnetLoaderGGUF().load_unet(model_file.name)
         stored = base.model_state_dict()["diffusion_model.double_blocks.0.img_attn.qkv.weight"]
         assert tuple(stored.shape) == (9216, 3072 // 32 * 34)  # what the layout check used to read
-        patched = clear_patch.patch_model(base, str(clear_file))
+        with torch.inference_mode():
+            patched = clear_patch.patch_model(base, str(clear_file))
         modules = {"double_blocks.0.img_attn.qkv": ("transformer_blocks.0.attn.", ("to_q", "to_k", "to_v")),
                    "double_blocks.0.img_attn.proj": ("transformer_blocks.0.attn.", ("to_out.0",)),
                    "single_blocks.0.linear1": ("single_transformer_blocks.0.attn.", ("to_q", "to_k", "to_v"))}
