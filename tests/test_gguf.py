@@ -8,8 +8,8 @@ key's patch list to the result (GGMLLayer.get_weight -> comfy.lora.calculate_wei
 so CLEAR's row-slice "set" patches land there; F16/F32 tensors are patched at load
 like any ComfyUI model. Checked: the weights the forward really uses (CLEAR rows,
 biases and proj exact, every other row as ComfyUI-GGUF dequantizes it), for every
-type ComfyUI-GGUF dequantizes; LoRA in either order; a sampled image against an
-independent reference. Needs COMFYUI_PATH and COMFYUI_GGUF_PATH (a ComfyUI-GGUF
+type ComfyUI-GGUF dequantizes; LoRA in either order; a sampled latent against an
+independent reference; FLUX.1's real width with no seam at all. Needs COMFYUI_PATH and COMFYUI_GGUF_PATH (a ComfyUI-GGUF
 checkout); skips otherwise."""
 
 import contextlib
@@ -80,12 +80,10 @@ def folders(G, tmp_path_factory):
 # --------------------------------------------------------------------------
 # writing GGUF files
 
-def _random_blocks(qtype, shape, gen):
+def _random_blocks(G, qtype, shape, gen):
     """Valid blocks of a type gguf-py cannot quantize: random quants, float16 scale
     fields set so the dequantized weights have std ~ 1/sqrt(fan_in)."""
     import gguf
-
-    from comfyui_gguf_under_test.dequant import dequantize
 
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     rows, cols = shape
@@ -97,7 +95,7 @@ def _random_blocks(qtype, shape, gen):
             data[:, offset:offset + 2] = torch.tensor([value], dtype=torch.float16).view(torch.uint8)
 
     set_scales(1.0)
-    std = dequantize(data.reshape(rows, -1), qtype, shape, torch.float32).std().item()
+    std = G.dequant.dequantize(data.reshape(rows, -1), qtype, shape, torch.float32).std().item()
     set_scales(cols ** -0.5 / std)
     return data.reshape(rows, -1).numpy()
 
@@ -133,7 +131,7 @@ def write_gguf(G, path, qtype_name, seed=0):
             else:
                 ttype = qtype
             if ttype.name in HALF_FIELDS:
-                data = _random_blocks(ttype, tuple(t.shape), gen)
+                data = _random_blocks(G, ttype, tuple(t.shape), gen)
             else:
                 data = gguf.quants.quantize(t.float().numpy(), ttype)
             writer.add_tensor(key, data, raw_dtype=ttype)
