@@ -18,7 +18,9 @@ weights first and every other patch (a LoRA loaded before or after this node,
 a model merge) lands on top of them; a "diff" patch would commute too but needs
 the difference in float32 (~7 GB for FLUX). The same list is used by the full
 load (``patch_weight_to_device``, float32 then one rounding to the weight dtype,
-stochastic for fp8) and by the low-VRAM path (``LowVramPatch``). Tensors stay on
+stochastic for fp8) and by the low-VRAM path (``LowVramPatch``); ComfyUI-GGUF
+applies it to each quantized weight right after dequantizing it, at every
+forward (so the untouched rows keep their quantized values). Tensors stay on
 CPU in the file's dtype. Unknown keys in a file are an error, not skipped:
 a file that is not exactly a CLEAR file for this model must not half-apply.
 """
