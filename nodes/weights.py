@@ -18,7 +18,9 @@ weights first and every other patch (a LoRA loaded before or after this node,
 a model merge) lands on top of them; a "diff" patch would commute too but needs
 the difference in float32 (~7 GB for FLUX). The same list is used by the full
 load (``patch_weight_to_device``, float32 then one rounding to the weight dtype,
-stochastic for fp8) and by the low-VRAM path (``LowVramPatch``). Tensors stay on
+stochastic for fp8) and by the low-VRAM path (``LowVramPatch``); ComfyUI-GGUF
+applies it to each quantized weight right after dequantizing it, at every
+forward (so the untouched rows keep their quantized values). Tensors stay on
 CPU in the file's dtype. Unknown keys in a file are an error, not skipped:
 a file that is not exactly a CLEAR file for this model must not half-apply.
 """
@@ -159,9 +161,18 @@ class _FileTensors(dict):
 _file_cache = weakref.WeakValueDictionary()  # (path, mtime_ns, size) -> _FileTensors
 
 
+def _param_shape(model, key):
+    """Shape of a model tensor as the forward uses it. Read from the parameter:
+    ComfyUI-GGUF's quantized GGMLTensor reports its real shape there, while
+    model_state_dict() holds placeholders with the stored bytes' shape."""
+    import comfy.utils
+
+    return tuple(comfy.utils.get_attr(model, key).shape)
+
+
 def _flux_layout(model_patcher, fail):
     """Block indices and hidden size of the loaded model, or fail("not FLUX")."""
-    sd = model_patcher.model_state_dict()
+    sd = model_patcher.model_state_dict()  # for the key names only: shapes via _param_shape
     double = {int(m.group(1)) for k in sd
               if (m := re.fullmatch(r"diffusion_model\.double_blocks\.(\d+)\.img_attn\.qkv\.weight", k))}
     single = {int(m.group(1)) for k in sd
@@ -169,7 +180,7 @@ def _flux_layout(model_patcher, fail):
     if not double or not single:
         fail("the model is not a FLUX model (no diffusion_model.double_blocks.*.img_attn.qkv / "
              "single_blocks.*.linear1 weights); CLEAR weights only fit FLUX.1 models")
-    hidden = sd[f"diffusion_model.double_blocks.{min(double)}.img_attn.qkv.weight"].shape[1]
+    hidden = _param_shape(model_patcher.model, f"diffusion_model.double_blocks.{min(double)}.img_attn.qkv.weight")[1]
     expected = {}
     for i in double:
         p = f"diffusion_model.double_blocks.{i}.img_attn."
@@ -182,7 +193,7 @@ def _flux_layout(model_patcher, fail):
         if key not in sd:
             fail(f"the model has no '{key}' (a FLUX variant without attention biases?), "
                  "so it does not match CLEAR's FLUX.1 layout")
-        actual = tuple(sd[key].shape)
+        actual = _param_shape(model_patcher.model, key)
         rows_ok = shape[0] is None and actual[0] >= 3 * hidden or actual[0] == shape[0]
         if len(actual) != len(shape) or not rows_ok or actual[1:] != shape[1:]:
             fail(f"the model's '{key}' has shape {actual}, which is not FLUX's layout for hidden size {hidden}")
