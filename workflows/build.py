@@ -61,8 +61,9 @@ GAP = 20  # between nodes in a column, and between columns
 GROUP_HEADER, GROUP_PAD, GROUP_GAP = 44, 12, 24
 NOTE_W = 420  # MarkdownNote: renders markdown at 10 px in a 400 px wide box at this width
 
-COLORS = {"models": "#3f5159", "prompt": "#4b4a3a", "base": "#3a4b3f", "upscale": "#4a3f55",
-          "clear": "#2f4a63", "decode": "#593f3f", "controlnet": "#55493a"}
+# LiteGraph's own group colours (light enough for the group titles to read)
+COLORS = {"models": "#88A", "prompt": "#b58b2a", "base": "#8A8", "upscale": "#a1309b", "clear": "#3f789e",
+          "decode": "#A88", "controlnet": "#b06634"}
 
 
 def note_height(text):
@@ -136,6 +137,7 @@ class Graph:
             x += width + GROUP_GAP
 
     def _group(self, title, color, columns, x0, y0):
+        """Places columns of nodes left to right in a group (no group drawn when title is None)."""
         x, bottom = x0 + GROUP_PAD, y0
         for column in columns:
             y = y0 + GROUP_HEADER + TITLE_H
@@ -145,8 +147,9 @@ class Graph:
             x += max(n["size"][0] for n in column) + GAP
             bottom = max(bottom, y - TITLE_H - GAP)
         w, h = x - GAP + GROUP_PAD - x0, bottom + GROUP_PAD - y0
-        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, w, h],
-                            "color": COLORS[color], "font_size": 24, "flags": {}})
+        if title is not None:
+            self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, w, h],
+                                "color": COLORS[color], "font_size": 24, "flags": {}})
         return w, h
 
     def to_json(self):
@@ -214,7 +217,7 @@ At 1K CLEAR is about as fast as full attention: this workflow checks the setup. 
 
 **Tune**: `weights` (clear_local_8 is faster and more local, clear_local_32 closer to full attention), steps, guidance (FluxGuidance 3.5).
 """)
-    g.layout([("Read me", "models", [[note]]),
+    g.layout([(None, None, [[note]]),
               [("Models", "models", [[unet, clip, vae]]), ("Prompt", "prompt", [[text, positive, negative]])],
               ("Text to image at 1024² with CLEAR", "clear", [[patched, latent], [sampled]]),
               ("Decode and save", "decode", [[image, save]])])
@@ -310,7 +313,7 @@ r = {r} is the paper's setting at 4K-8K: the layout comes from the base image, t
     upscale_stack = [(f"2. Upscale to {target}²", "upscale", [[upscaled, hires_latent]])]
     if controlnet:
         upscale_stack.append(("ControlNet tile", "controlnet", [controlnet_nodes]))
-    g.layout([("Read me", "models", [[note]]),
+    g.layout([(None, None, [[note]]),
               [("Models", "models", [loaders]), ("Prompt", "prompt", [[text, base_positive, negative]])],
               ("1. Base 1024² (full attention)", "base", [[base_latent, base, base_image]]),
               upscale_stack,
