@@ -190,7 +190,7 @@ def _ksampler(g, model, positive, negative, latent, steps, denoise, title=None):
                  outputs=[("LATENT", "LATENT")], title=title)
 
 
-MODELS_NOTE = """**Files** (the Missing Models dialog links each one):
+MODELS_NOTE = """**Files** (ComfyUI offers a download for each missing one):
 - `models/diffusion_models/` flux1-dev.safetensors
 - `models/text_encoders/` clip_l.safetensors, t5xxl_fp16.safetensors (t5xxl_fp8_e4m3fn works too)
 - `models/vae/` ae.safetensors
