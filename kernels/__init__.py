@@ -116,6 +116,6 @@ def clear_attention(q, k, v, *, text_len, grid, window, down_factor=1, spatial_w
     if backend == "triton":
         from .clear_triton import clear_attention_triton
         return clear_attention_triton(q, k, v, text_len=text_len, grid=grid, window=window,
-                                      pooled_k=pooled_k, pooled_v=pooled_v, scale=scale)
+                                      pooled_k=pooled_k, pooled_v=pooled_v, scale=scale, down_factor=down_factor)
     return clear_attention_torch(q, k, v, text_len=text_len, grid=grid, window=window,
                                  pooled_k=pooled_k, pooled_v=pooled_v, scale=scale)
