@@ -78,7 +78,10 @@ def _attend_all_keys(q, k_base, v_base, skl, skd, svl, svd, n_keys, qk_scale, m_
     return m_i, l_i, acc
 
 
-@triton.jit
+# Shape ints are not specialised (the launcher would otherwise compile a new
+# variant when one is 1 or a multiple of 16: a stall whenever the image size
+# changes); strides stay specialised, they decide vectorised loads.
+@triton.jit(do_not_specialize=["H", "T", "h", "w", "R", "P"])
 def _clear_image_rows_kernel(
     Q, K, V, KP, VP, Out, Offsets, Ranges,
     sqb, sqh, sql, sqd,
@@ -204,6 +207,8 @@ def image_rows_launch(q, k, v, out, kp, vp, offsets, ranges, *, text_len, grid, 
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   UPCAST=q.dtype == torch.bfloat16 and q.device.type == "cpu",
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg.get("maxnreg"):
+        kwargs["maxnreg"] = cfg["maxnreg"]
     return _clear_image_rows_kernel, (tiles, B * H), args, kwargs
 
 

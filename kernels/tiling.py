@@ -38,14 +38,16 @@ def kernel_config(head_dim, window, down_factor=1, arch=None):
     key_y, key_x = (2, 8) if (window > 16 and down_factor > 1) or head_dim >= 256 else (8, 8)
     block_t = 64
     hopper = arch is not None and arch // 10 == 9
-    if head_dim <= 64:
+    maxnreg = None
+    if head_dim <= 64 or hopper:
         num_warps, num_stages = 4, 3
-    elif hopper:
-        num_warps, num_stages = 4, 3
-    else:  # sm_80/86/89/120: 4 warps spill at head_dim 128 (255 registers)
-        num_warps, num_stages = 8, 2
+    else:
+        # sm_80/86/89/120 at head_dim 128: 4 warps spill (255 registers). With
+        # 8 warps ptxas aims at two blocks per SM (128 registers) and spills
+        # with pooled keys on sm_86/89; uncapped it needs ~226, no spill.
+        num_warps, num_stages, maxnreg = 8, 3, 255
     return dict(TILE_Y=tile_y, TILE_X=tile_x, KEY_Y=key_y, KEY_X=key_x, BLOCK_T=block_t,
-                num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
 def _config_key(cfg):
