@@ -75,6 +75,10 @@ def block_offsets(window, tile_y, tile_x, key_y, key_x):
     return tuple(out)
 
 
+# Most (offset) entries a schedule may hold before it stops clipping columns.
+SCHEDULE_BUDGET = 1 << 21
+
+
 @lru_cache(maxsize=64)
 def _schedule(h, w, window, tile_y, tile_x, key_y, key_x):
     base = np.array(block_offsets(window, tile_y, tile_x, key_y, key_x), dtype=np.int32).reshape(-1, 2)
@@ -87,6 +91,11 @@ def _schedule(h, w, window, tile_y, tile_x, key_y, key_x):
 
     rows = clip(tiles_y, tile_y // key_y, blocks_y, 0)
     cols = clip(tiles_x, tile_x // key_x, blocks_x, 1)
+    if len(set(rows)) * len(set(cols)) * len(base) > SCHEDULE_BUDGET:
+        # Radius near the grid size (r ~ 256 at 8K): nearly every tile has its
+        # own clipping and the lists would take ~100 MB. Clip rows only; the
+        # kernel masks blocks past the left/right edge (issued, counted).
+        cols = [(base[:, 1].min(), base[:, 1].max())] * tiles_x
     lists, where, ranges = [], {}, np.empty((tiles_y * tiles_x, 2), dtype=np.int32)
     start = 0
     for ty, (ylo, yhi) in enumerate(rows):
@@ -104,8 +113,9 @@ def _schedule(h, w, window, tile_y, tile_x, key_y, key_x):
 def tile_schedule(grid, window, cfg):
     """(offsets int32 (n, 2), ranges int32 (tiles, 2)): tile t = ty*tiles_x + tx
     visits key-block offsets ``offsets[ranges[t, 0]:ranges[t, 1]]`` relative
-    to its own block (ty*TILE_Y/KEY_Y, tx*TILE_X/KEY_X); every listed block
-    lies (at least partly) inside the grid."""
+    to its own block (ty*TILE_Y/KEY_Y, tx*TILE_X/KEY_X). Every listed block
+    lies (at least partly) inside the grid, except past the left/right edge
+    for radii so large that clipping columns too would exceed SCHEDULE_BUDGET."""
     return _schedule(int(grid[0]), int(grid[1]), int(window), *_config_key(cfg))
 
 

@@ -118,6 +118,22 @@ def test_every_needed_key_is_visited(cfg, h, w, r):
     assert torch.allclose(out.sum(1), torch.ones(n), atol=1e-5)
 
 
+def test_schedule_without_column_clipping(monkeypatch):
+    """Huge radii fall back to row-only clipping (blocks past the left/right
+    edge are masked in the kernel): still exactly the disc."""
+    from comfyui_clear.kernels import tiling
+
+    monkeypatch.setattr(tiling, "SCHEDULE_BUDGET", 0)
+    monkeypatch.setattr(clear_triton, "_SCHEDULES", {})
+    tiling._schedule.cache_clear()
+    try:
+        offsets, ranges = tiling.tile_schedule((7, 9), 3, SMALL_TILES)
+        assert (offsets[:, 1] < 0).any(), "no block past the left edge: the fallback did not run"
+        test_every_needed_key_is_visited(SMALL_TILES, 7, 9, 3)
+    finally:
+        tiling._schedule.cache_clear()
+
+
 def test_head_dim_128(poisoned_output):
     _run(1, 1, 128, 3, 3, 4, 2, 1, torch.float32)
 
