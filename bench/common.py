@@ -2,7 +2,6 @@
 
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess

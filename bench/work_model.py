@@ -38,7 +38,9 @@ def main(argv=None):
     print("| --- | --- | --- | --- | --- | --- | --- |")
     worst = []
     for row in rows(args.grids, args.radii, args.down, args.text, args.head_dim, args.arch):
-        target = "" if row["target"] is None else f"<= {row['target']:.2f} " + ("met" if row["ratio"] <= row["target"] else "MISSED")
+        target = ""
+        if row["target"] is not None:
+            target = f"<= {row['target']:.2f} " + ("met" if row["ratio"] <= row["target"] else "MISSED")
         if row["target"] is not None and row["ratio"] > row["target"]:
             worst.append(row)
         print(f"| {row['pixels'] // 1024}K ({row['grid']}²) | {row['r']} | {row['d']} | {row['key_block']} | "

@@ -37,7 +37,8 @@ def test_schedule_covers_exactly_the_needed_blocks(cfg, h, w, r):
             assert keys and by >= 0 and bx >= 0, "block outside the grid"
             assert any((qy - y) ** 2 + (qx - x) ** 2 < r * r for qy, qx in queries for y, x in keys), "useless block"
             visited.update(keys)
-        needed = {(y, x) for qy, qx in queries for y in range(h) for x in range(w) if (qy - y) ** 2 + (qx - x) ** 2 < r * r}
+        needed = {(y, x) for qy, qx in queries for y in range(h) for x in range(w)
+                  if (qy - y) ** 2 + (qx - x) ** 2 < r * r}
         assert needed <= visited
 
 
@@ -82,7 +83,8 @@ def test_issued_pairs_match_the_kernel(counted_products, cfg, B, H, T, h, w, r, 
     q, k, v = (torch.randn(B, H, T + h * w, D) for _ in range(3))
     pooled = {}
     if d > 1:
-        pooled = dict(pooled_k=pool_image_tokens(k[:, :, T:], (h, w), d), pooled_v=pool_image_tokens(v[:, :, T:], (h, w), d))
+        pooled = dict(pooled_k=pool_image_tokens(k[:, :, T:], (h, w), d),
+                      pooled_v=pool_image_tokens(v[:, :, T:], (h, w), d))
     clear_triton.clear_attention_triton(q, k, v, text_len=T, grid=(h, w), window=r, scale=0.25, cfg=cfg,
                                         down_factor=d, **pooled)
     model = tiling.issued_pairs(T, (h, w), r, d, cfg=cfg, head_dim=D)

@@ -127,7 +127,7 @@ def test_schedule_without_column_clipping(monkeypatch):
     monkeypatch.setattr(clear_triton, "_SCHEDULES", {})
     tiling._schedule.cache_clear()
     try:
-        offsets, ranges = tiling.tile_schedule((7, 9), 3, SMALL_TILES)
+        offsets, _ = tiling.tile_schedule((7, 9), 3, SMALL_TILES)
         assert (offsets[:, 1] < 0).any(), "no block past the left edge: the fallback did not run"
         test_every_needed_key_is_visited(SMALL_TILES, 7, 9, 3)
     finally:
