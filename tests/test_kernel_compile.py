@@ -44,7 +44,10 @@ LAYOUTS = ("bhld", "blhd")  # (B, H, L, D) contiguous, or (B, L, H, D) memory vi
 
 
 def _bin(name):
-    import triton.backends.nvidia as nv
+    try:
+        import triton.backends.nvidia as nv
+    except ImportError:
+        return None
     path = os.path.join(os.path.dirname(nv.__file__), "bin", name)
     return path if os.path.exists(path) else None
 
