@@ -134,7 +134,7 @@ def _clear_image_rows_kernel(
     for i in range(first, last):
         ky = (tile_y * (TILE_Y // KEY_Y) + tl.load(Offsets + 2 * i)) * KEY_Y + ky_in
         kx = (tile_x * (TILE_X // KEY_X) + tl.load(Offsets + 2 * i + 1)) * KEY_X + kx_in
-        k_ok = (ky < h) & (kx >= 0) & (kx < w)  # ky >= 0 by construction of the schedule
+        k_ok = (ky < h) & (kx.to(tl.uint32) < w.to(tl.uint32))  # kx < 0 wraps past w; ky >= 0 always
         k_rows = (T + ky * w + kx).to(tl.int64)
         k = tl.load(k_base + k_rows[None, :] * skl + offs_d[:, None] * skd, mask=k_ok[None, :], other=0.0)
         v = tl.load(v_base + k_rows[:, None] * svl + offs_d[None, :] * svd, mask=k_ok[:, None], other=0.0)
