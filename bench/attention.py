@@ -22,6 +22,7 @@ from common import (SMOKE_NOTE, clear_flops, dense_flops, environment, flex_mask
                     write_results)
 
 from comfyui_clear.kernels import clear_attention, pool_image_tokens  # noqa: E402
+from comfyui_clear.kernels.flex import clear_mask_mod  # noqa: E402
 
 
 def flex_clear(q, k, v, text_len, grid, window, down_factor, flex, make_block_mask):
@@ -29,18 +30,13 @@ def flex_clear(q, k, v, text_len, grid, window, down_factor, flex, make_block_ma
     pooled keys appended after the sequence, a mask_mod with the spec's
     pattern, the block mask built once per shape (not timed). Returns
     (run, block-mask info)."""
-    T, (_, w), r = text_len, grid, window
+    T, r = text_len, window
     L = q.shape[2]
     if down_factor > 1:
         k = torch.cat([k, pool_image_tokens(k[:, :, T:], grid, down_factor).to(k.dtype)], 2)
         v = torch.cat([v, pool_image_tokens(v[:, :, T:], grid, down_factor).to(v.dtype)], 2)
 
-    def mask_mod(b, hh, q_idx, kv_idx):
-        qi, ki = q_idx - T, kv_idx - T
-        local = (qi // w - ki // w) ** 2 + (qi % w - ki % w) ** 2 < r * r
-        text_row = (q_idx < T) & (kv_idx < L)
-        image_row = (q_idx >= T) & ((kv_idx < T) | (kv_idx >= L) | local)
-        return text_row | image_row
+    mask_mod = clear_mask_mod(T, grid, r, L)  # the same mask_mod as the Flex backend
 
     before = torch.cuda.memory_allocated() if q.is_cuda else 0
     if q.is_cuda:

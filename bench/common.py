@@ -2,7 +2,6 @@
 
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess
@@ -16,22 +15,8 @@ RESULTS = os.path.join(REPO, "bench", "results")
 SMOKE_NOTE = "cpu smoke run, not a benchmark"
 
 
-def local_pairs(h, w, r):
-    """Exact number of (image query, image key) pairs with distance^2 < r^2 on an
-    h x w grid: each offset (dy, dx) of the disc occurs (h-|dy|)(w-|dx|) times."""
-    total = 0
-    for dy in range(-(r - 1), r):
-        if abs(dy) >= h:
-            continue
-        dx_max = math.isqrt(r * r - 1 - dy * dy)
-        for dx in range(-dx_max, dx_max + 1):
-            if abs(dx) < w:
-                total += (h - abs(dy)) * (w - abs(dx))
-    return total
-
-
-def pooled_count(h, w, d):
-    return 0 if d <= 1 else -(-h // d) * -(-w // d)
+# Exact pair counts live with the kernel's work model (one copy).
+from comfyui_clear.kernels.tiling import local_pairs, pooled_count  # noqa: E402,F401
 
 
 def clear_flops(batch, heads, head_dim, text_len, h, w, r, d=1):

@@ -59,6 +59,10 @@ def _run(B, H, D, T, h, w, r, d=1, dtype=torch.float32, sw_shape=None):
     (1, 2, 16, 4, 8, 8, 3, 2),     # pooled keys, divisible
     (1, 1, 32, 0, 10, 7, 3, 4),    # pooled, not divisible, no text
     (1, 1, 64, 6, 5, 5, 2, 2),
+    (1, 1, 16, 5, 19, 21, 6, 1),   # 3x3 tiles, ragged right/bottom tiles, interior tile
+    (1, 1, 16, 3, 23, 17, 18, 4),  # r > 16 with pooled keys (2x8 key blocks), d not dividing the grid
+    (1, 1, 16, 0, 7, 9, 3, 2),     # T = 0, d = 2 on an odd grid
+    (1, 1, 16, 2, 17, 9, 40, 1),   # r larger than the grid, several tiles
 ])
 def test_triton_matches_oracle_fp32(poisoned_output, B, H, D, T, h, w, r, d):
     _run(B, H, D, T, h, w, r, d, torch.float32, sw_shape="published" if d == 2 else None)
@@ -71,6 +75,63 @@ def test_triton_matches_oracle_fp32(poisoned_output, B, H, D, T, h, w, r, d):
 ])
 def test_triton_matches_oracle_half(poisoned_output, dtype, B, H, D, T, h, w, r, d):
     _run(B, H, D, T, h, w, r, d, dtype)
+
+
+SMALL_TILES = dict(TILE_Y=4, TILE_X=4, KEY_Y=2, KEY_X=2, BLOCK_T=4, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("h,w,r,d", [(13, 11, 1, 1), (13, 11, 3, 1), (9, 14, 5, 3), (7, 10, 30, 1)])
+def test_many_tiles_small_config(poisoned_output, h, w, r, d):
+    """Small tiles and key blocks make many border, corner and interior tiles
+    (and partial text/pooled chunks) on a grid the interpreter runs quickly."""
+    B, H, D, T = 1, 1, 16, 5
+    q, k, v = (torch.randn(B, H, T + h * w, D, device=DEVICE) for _ in range(3))
+    pooled = {}
+    if d > 1:
+        pooled = dict(pooled_k=clear_attention_pool(k, T, (h, w), d), pooled_v=clear_attention_pool(v, T, (h, w), d))
+    out = clear_triton.clear_attention_triton(q, k, v, text_len=T, grid=(h, w), window=r, scale=D ** -0.5,
+                                              cfg=SMALL_TILES, **pooled)
+    assert not torch.isnan(out).any()
+    assert rel_err(out.cpu(), clear_oracle(q.cpu(), k.cpu(), v.cpu(), T, (h, w), r, d)) < 1e-5
+
+
+def clear_attention_pool(x, T, grid, d):
+    from comfyui_clear.kernels import pool_image_tokens
+    return pool_image_tokens(x[:, :, T:], grid, d)
+
+
+@pytest.mark.parametrize("cfg", [None, SMALL_TILES], ids=["default", "small"])
+@pytest.mark.parametrize("h,w,r", [(7, 9, 1), (7, 9, 3), (11, 10, 5), (6, 11, 20)])
+def test_every_needed_key_is_visited(cfg, h, w, r):
+    """q = 0 gives each query a uniform softmax over exactly the keys it
+    visits; one-hot values turn the output into that key set. A skipped key
+    block (or a mask off by one) shows up as a missing or extra key."""
+    n = h * w
+    D = 1 << (n - 1).bit_length()  # head_dim: a power of two >= the key count
+    q = torch.zeros(1, 1, n, D, device=DEVICE)
+    v = torch.eye(n, D, device=DEVICE)[None, None]
+    out = clear_triton.clear_attention_triton(q, torch.randn_like(q), v, text_len=0, grid=(h, w), window=r,
+                                              scale=1.0, cfg=cfg)[0, 0, :, :n].cpu()
+    y, x = torch.arange(n) // w, torch.arange(n) % w
+    disc = (y[:, None] - y[None, :]) ** 2 + (x[:, None] - x[None, :]) ** 2 < r * r
+    assert torch.equal(out > 0, disc)
+    assert torch.allclose(out.sum(1), torch.ones(n), atol=1e-5)
+
+
+def test_schedule_without_column_clipping(monkeypatch):
+    """Huge radii fall back to row-only clipping (blocks past the left/right
+    edge are masked in the kernel): still exactly the disc."""
+    from comfyui_clear.kernels import tiling
+
+    monkeypatch.setattr(tiling, "SCHEDULE_BUDGET", 0)
+    monkeypatch.setattr(clear_triton, "_SCHEDULES", {})
+    tiling._schedule.cache_clear()
+    try:
+        offsets, _ = tiling.tile_schedule((7, 9), 3, SMALL_TILES)
+        assert (offsets[:, 1] < 0).any(), "no block past the left edge: the fallback did not run"
+        test_every_needed_key_is_visited(SMALL_TILES, 7, 9, 3)
+    finally:
+        tiling._schedule.cache_clear()
 
 
 def test_head_dim_128(poisoned_output):
@@ -97,13 +158,17 @@ def test_far_keys_do_not_leak(poisoned_output):
     assert (out[0, 0, centre] - base[0, 0, centre]).abs().max() > 1.0
 
 
-def test_strided_inputs(poisoned_output):
-    """q, k, v as (B, L, H, D) memory viewed as (B, H, L, D), as attention code often passes them."""
-    B, H, D, T, h, w, r = 1, 2, 16, 3, 5, 6, 2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_inputs(poisoned_output, dtype):
+    """q, k, v as (B, L, H, D) memory viewed as (B, H, L, D), as attention code
+    often passes them; v a slice of a wider buffer."""
+    B, H, D, T, h, w, r = 1, 2, 16, 3, 9, 10, 4
     L = T + h * w
-    q, k, v = (torch.randn(B, L, H, D, device=DEVICE).transpose(1, 2) for _ in range(3))
-    out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, backend="triton")
-    assert rel_err(out.cpu(), clear_oracle(q.cpu(), k.cpu(), v.cpu(), T, (h, w), r)) < 1e-5
+    q, k = (torch.randn(B, L, H, D, device=DEVICE).to(dtype).transpose(1, 2) for _ in range(2))
+    v = torch.randn(B, H, L, 2 * D, device=DEVICE).to(dtype)[..., D:]
+    out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=2, backend="triton")
+    ref = clear_oracle(q.cpu(), k.cpu(), v.cpu(), T, (h, w), r, 2)
+    assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
 def test_unsupported_head_dim_is_a_clear_error():

@@ -44,8 +44,8 @@ def check_graph(workflow):
 
 
 def test_workflow_set():
-    assert NAMES == ["clear_flux_1k.json", "clear_flux_4k.json", "clear_flux_4k_controlnet.json",
-                     "clear_flux_4k_lora.json", "clear_flux_8k.json"]
+    assert NAMES == ["CLEAR FLUX 1K text to image.json", "CLEAR FLUX 4K hires + ControlNet.json",
+                     "CLEAR FLUX 4K hires + LoRA.json", "CLEAR FLUX 4K hires.json", "CLEAR FLUX 8K hires.json"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -56,11 +56,85 @@ def test_workflow_is_a_wellformed_ui_graph(name):
     types = [n["type"] for n in wf["nodes"]]
     assert "CLEARAttentionPatch" in types and "SaveImage" in types
     notes = [n for n in wf["nodes"] if n["type"] == "MarkdownNote"]
-    assert notes and "ComfyUI/models/" in notes[0]["widgets_values"][0]
+    assert len(notes) == 1
+    for folder in ("diffusion_models", "text_encoders", "vae", "clear"):
+        assert f"`models/{folder}/`" in notes[0]["widgets_values"][0]
+
+
+TITLE_H = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar sits above its pos
+
+
+def _bounds(node):
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_H, w, h + TITLE_H
+
+
+def _overlap(a, b):
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layout_has_no_overlaps_and_fits_a_1080p_window(name):
+    """The frontend renders nodes at these sizes (tests/test_browser.py checks
+    that); here: no two overlap, each node but the note sits inside one stage group, and the
+    frontend's fit view (0.75 x the window / the graph) stays above the zoom
+    where it stops drawing text (8 px font minimum / 14 px text = 0.57)."""
+    wf = _load(name)
+    boxes = [(n.get("title", n["type"]), _bounds(n)) for n in wf["nodes"]]
+    assert [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if _overlap(ba, bb)] == []
+    groups = [g["bounding"] for g in wf["groups"]]
+    for title, (x, y, w, h) in boxes:
+        if title == "Read me":  # the note stands on its own
+            continue
+        inside = [g for g in groups if g[0] <= x and g[1] <= y and x + w <= g[0] + g[2] and y + h <= g[1] + g[3]]
+        assert len(inside) == 1, title
+    assert [(a, b) for i, a in enumerate(groups) for b in groups[i + 1:] if _overlap(a, b)] == []
+    x0 = min(b[0] for _, b in boxes)
+    y0 = min(b[1] for _, b in boxes)
+    width = max(b[0] + b[2] for _, b in boxes) - x0
+    height = max(b[1] + b[3] for _, b in boxes) - y0
+    assert 0.75 * min(1920 / width, 1080 / height) >= 0.6, (width, height)
+
+
+def test_layout_checker_catches_an_overlap():
+    wf = _load("CLEAR FLUX 4K hires.json")
+    a, b = wf["nodes"][0], wf["nodes"][1]
+    assert not _overlap(_bounds(a), _bounds(b))
+    b["pos"] = [a["pos"][0] + 10, a["pos"][1] + a["size"][1] - 5]
+    assert _overlap(_bounds(a), _bounds(b))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_model_file_has_a_download_entry(name):
+    """What the frontend's missing-models check reads: properties.models
+    entries whose name is one of the node's widget values."""
+    wf = _load(name)
+    listed = {}
+    for n in wf["nodes"]:
+        for m in n["properties"].get("models", []):
+            assert m["name"] in n["widgets_values"], (n["type"], m)
+            assert m["url"].startswith("https://huggingface.co/") and "/resolve/main/" in m["url"], m
+            listed[m["name"]] = m
+    clear = next(n for n in wf["nodes"] if n["type"] == "CLEARAttentionPatch")["widgets_values"][0]
+    assert listed[clear] == {"name": clear, "directory": "clear",
+                             "url": f"https://huggingface.co/Huage001/CLEAR/resolve/main/{clear}"}
+    want = {"flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors", clear}
+    if any(n["type"] == "ControlNetLoader" for n in wf["nodes"]):
+        want.add("FLUX.1-dev-ControlNet-Union-Pro.safetensors")
+    assert set(listed) == want  # the LoRA is the user's own: explained in the note, no download
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_template_has_a_jpeg_thumbnail(name):
+    from PIL import Image
+
+    path = os.path.join(WORKFLOW_DIR, name[:-5] + ".jpg")  # what the Templates dialog requests
+    with Image.open(path) as image:
+        assert image.format == "JPEG" and image.size == (512, 512)
 
 
 def test_graph_checker_catches_broken_links():
-    wf = _load("clear_flux_4k.json")
+    wf = _load("CLEAR FLUX 4K hires.json")
     broken = copy.deepcopy(wf)
     broken["links"][0][5] = "IMAGE" if broken["links"][0][5] != "IMAGE" else "LATENT"
     assert check_graph(broken)
@@ -162,7 +236,7 @@ def test_workflow_is_a_valid_prompt_in_real_comfyui(comfy, name):
 @pytest.mark.parametrize("mutation", ["node_type", "input_name", "model_file", "widget_value"])
 def test_validation_catches_broken_workflows(comfy, mutation):
     nodes, _, loop = comfy
-    wf = _load("clear_flux_4k.json")
+    wf = _load("CLEAR FLUX 4K hires.json")
     clear = next(n for n in wf["nodes"] if n["type"] == "CLEARAttentionPatch")
     if mutation == "node_type":
         clear["type"] = "CLEARAttentionPatchV2"
@@ -266,8 +340,9 @@ def _shrink(prompt, base_size, target):
 
 
 def _execute(nodes, prompt):
-    import execution
     import folder_paths
+
+    from comfyui_clear.nodes.compat import prompt_executor
 
     class Server:
         client_id = None
@@ -277,7 +352,7 @@ def _execute(nodes, prompt):
         def send_sync(self, *args, **kwargs):
             pass
 
-    executor = execution.PromptExecutor(Server())
+    executor = prompt_executor(Server())
     outputs = [k for k, v in prompt.items() if getattr(nodes.NODE_CLASS_MAPPINGS[v["class_type"]], "OUTPUT_NODE", False)]
     executor.execute(prompt, "test-prompt", {}, outputs)
     assert executor.success, executor.status_messages[-1:]
@@ -287,9 +362,9 @@ def _execute(nodes, prompt):
 @pytest.mark.comfyui
 @pytest.mark.slow
 @pytest.mark.parametrize("name,base_size,target", [
-    ("clear_flux_1k.json", 64, None),
-    ("clear_flux_4k.json", 64, 160),
-    ("clear_flux_4k_lora.json", 64, 128),
+    ("CLEAR FLUX 1K text to image.json", 64, None),
+    ("CLEAR FLUX 4K hires.json", 64, 160),
+    ("CLEAR FLUX 4K hires + LoRA.json", 64, 128),
 ])
 def test_workflow_executes_at_test_size(runnable, name, base_size, target):
     from PIL import Image

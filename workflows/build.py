@@ -2,11 +2,24 @@
 
 The graphs are code so that the five workflows stay consistent; the test
 suite checks that the committed JSONs are what this script writes.
-Run: python workflows/build.py
+Run: python workflows/build.py   (then python workflows/thumbnails.py)
+
+ComfyUI lists custom-node templates by file name only (no titles or
+descriptions: both frontends show the name as the card's title), so the
+file names are the titles.
+
+Layout: every node gets the size the ComfyUI frontend renders it at (the
+frontend grows a node to its computeSize(), so sizes below are at least that,
+measured in frontends 1.27.10 and 1.49.6; tests/test_browser.py checks it) and
+is placed in a column of its stage's group; groups sit left to right. No
+saved view: the frontend then fits the graph to the window on load, which at
+1920x1080 stays above the zoom where it stops drawing text.
 """
 
 import json
 import os
+import re
+import textwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,34 +33,68 @@ FLUX_FILES = {
     "vae": ("ae.safetensors", "vae",
             "https://huggingface.co/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
 }
+CLEAR_URL = "https://huggingface.co/Huage001/CLEAR/resolve/main/{}"
 LORA_FILE = "my_flux_lora.safetensors"
 CONTROLNET_FILE = "FLUX.1-dev-ControlNet-Union-Pro.safetensors"
+# The repo publishes it as diffusion_pytorch_model.safetensors; the dialog saves it under our name.
+CONTROLNET_URL = ("https://huggingface.co/Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro/resolve/main/"
+                  "diffusion_pytorch_model.safetensors")
 PROMPT = ("A sweeping alpine valley at golden hour, a wooden village with smoking chimneys along a winding river, "
           "pine forests, snow-capped peaks, crisp air, ultra detailed, sharp focus, photograph")
 SEED = 42
 LN3 = 1.0986  # ModelSamplingFlux with max_shift = base_shift = ln 3: a fixed flow shift of 3
 
-MODEL_LIST = """```
-ComfyUI/models/
-├── diffusion_models/flux1-dev.safetensors
-├── text_encoders/clip_l.safetensors
-├── text_encoders/t5xxl_fp16.safetensors   (or t5xxl_fp8_e4m3fn.safetensors)
-├── vae/ae.safetensors
-└── clear/                                 (filled on first run: the CLEAR weights download from
-                                            huggingface.co/Huage001/CLEAR; offline, put them here)
-```"""
+# Rendered body size (w, h) per node type, >= the frontend's computeSize() in
+# 1.27.10 and 1.49.6 (the title bar, TITLE_H, sits above a node's pos).
+SIZES = {
+    "UNETLoader": (320, 82), "DualCLIPLoader": (320, 130), "VAELoader": (320, 58),
+    "LoraLoaderModelOnly": (320, 82), "ControlNetLoader": (320, 58), "SetUnionControlNetType": (300, 58),
+    "ControlNetApplyAdvanced": (300, 186), "CLIPTextEncode": (300, 130), "FluxGuidance": (300, 58),
+    "ConditioningZeroOut": (300, 26), "EmptySD3LatentImage": (300, 106), "KSampler": (300, 262),
+    "VAEDecode": (300, 46), "ImageScale": (300, 130), "VAEEncodeTiled": (300, 150),
+    "ModelSamplingFlux": (300, 130), "CLEARAttentionPatch": (300, 154), "VAEDecodeTiled": (300, 150),
+    "SaveImage": (300, 300),
+}
+DEFAULT_SIZE = (300, 58)  # one input and one widget, e.g. a model -> model node with one setting
+TITLE_H = 30  # LiteGraph.NODE_TITLE_HEIGHT
+GAP = 20  # between nodes in a column, and between columns
+GROUP_HEADER, GROUP_PAD, GROUP_GAP = 44, 12, 24
+NOTE_W = 420  # MarkdownNote: renders markdown at 10 px in a 400 px wide box at this width
+
+# LiteGraph's own group colours (light enough for the group titles to read)
+COLORS = {"models": "#88A", "prompt": "#b58b2a", "base": "#8A8", "upscale": "#a1309b", "clear": "#3f789e",
+          "decode": "#A88", "controlnet": "#b06634"}
+
+
+def note_height(text):
+    """The MarkdownNote height that fits `text` with little room to spare:
+    wrapped lines and paragraphs, with the line and paragraph heights fitted
+    to what frontend 1.49.6 renders (1.27.10 needs ~35 px less);
+    tests/test_browser.py checks the fit. One paragraph per source line: the
+    frontend's markdown editor drops the space at a line break after `code` or
+    **bold**, so the notes never hard-wrap."""
+    lines = paragraphs = 0
+    for line in text.strip().split("\n"):
+        plain = re.sub(r"[*`]", "", line)
+        if not plain.strip() or plain.startswith("## "):
+            continue
+        item = re.match(r"^(- |\d+\. )", plain)
+        paragraphs += not item
+        lines += len(textwrap.wrap(plain, 66 if item else 74))
+    return round(9.1 * lines + 20.6 * paragraphs + 37 + 36)
 
 
 class Graph:
-    """A UI-format graph: nodes with widget values, typed links between slots."""
+    """A UI-format graph: nodes with widget values, typed links between slots,
+    and groups (one per stage) that hold columns of nodes."""
 
     def __init__(self):
-        self.nodes, self.links = [], []
+        self.nodes, self.links, self.groups = [], [], []
 
-    def add(self, type_, widgets=(), inputs=(), outputs=(), pos=(0, 0), size=(320, 120), title=None, models=None):
+    def add(self, type_, widgets=(), inputs=(), outputs=(), title=None, models=None):
         """inputs: (name, type, (node, slot) or None); outputs: (name, type)."""
-        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size), "flags": {},
-                "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [],
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": [0, 0], "size": list(SIZES.get(type_, DEFAULT_SIZE)),
+                "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [],
                 "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
         if title:
             node["title"] = title
@@ -66,185 +113,238 @@ class Graph:
         self.nodes.append(node)
         return node
 
-    def note(self, text, pos, size=(520, 700)):
-        return self.add("MarkdownNote", [text], pos=pos, size=size, title="Read me")
+    def model_node(self, type_, widgets, model, title=None):
+        """A MODEL -> MODEL node (a patch) fed by `model`."""
+        return self.add(type_, widgets, inputs=[("model", "MODEL", (model, 0))], outputs=[("MODEL", "MODEL")],
+                        title=title)
+
+    def note(self, text):
+        node = self.add("MarkdownNote", [text.strip() + "\n"], title="Read me")
+        node["size"] = [NOTE_W, note_height(text)]
+        return node
+
+    def layout(self, stages):
+        """stages: left to right, each (title, color key, [column of nodes, ...])
+        or a list of such stages stacked top to bottom in one column."""
+        x = 0
+        for slot in stages:
+            stack = slot if isinstance(slot, list) else [slot]
+            y, width = 0, 0
+            for title, color, columns in stack:
+                w, h = self._group(title, color, columns, x, y)
+                y += h + GROUP_GAP
+                width = max(width, w)
+            x += width + GROUP_GAP
+
+    def _group(self, title, color, columns, x0, y0):
+        """Places columns of nodes left to right in a group (no group drawn when title is None)."""
+        x, bottom = x0 + GROUP_PAD, y0
+        for column in columns:
+            y = y0 + GROUP_HEADER + TITLE_H
+            for node in column:
+                node["pos"] = [x, y]
+                y += node["size"][1] + TITLE_H + GAP
+            x += max(n["size"][0] for n in column) + GAP
+            bottom = max(bottom, y - TITLE_H - GAP)
+        w, h = x - GAP + GROUP_PAD - x0, bottom + GROUP_PAD - y0
+        if title is not None:
+            self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, w, h],
+                                "color": COLORS[color], "font_size": 24, "flags": {}})
+        return w, h
 
     def to_json(self):
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [0, 0]}},
-                "version": 0.4}
+                "links": self.links, "groups": self.groups, "config": {}, "extra": {}, "version": 0.4}
 
 
-def _loaders(g, x=0):
-    unet = g.add("UNETLoader", [FLUX_FILES["unet"][0], "default"], outputs=[("MODEL", "MODEL")], pos=(x, 0),
-                 models=[FLUX_FILES["unet"]])
+def _loaders(g):
+    unet = g.add("UNETLoader", [FLUX_FILES["unet"][0], "default"], outputs=[("MODEL", "MODEL")],
+                 title="FLUX → models/diffusion_models", models=[FLUX_FILES["unet"]])
     clip = g.add("DualCLIPLoader", [FLUX_FILES["clip_l"][0], FLUX_FILES["t5"][0], "flux", "default"],
-                 outputs=[("CLIP", "CLIP")], pos=(x, 180), models=[FLUX_FILES["clip_l"], FLUX_FILES["t5"]])
-    vae = g.add("VAELoader", [FLUX_FILES["vae"][0]], outputs=[("VAE", "VAE")], pos=(x, 360), models=[FLUX_FILES["vae"]])
+                 outputs=[("CLIP", "CLIP")], title="CLIP → models/text_encoders",
+                 models=[FLUX_FILES["clip_l"], FLUX_FILES["t5"]])
+    vae = g.add("VAELoader", [FLUX_FILES["vae"][0]], outputs=[("VAE", "VAE")], title="VAE → models/vae",
+                models=[FLUX_FILES["vae"]])
     return unet, clip, vae
 
 
-def _text(g, clip, guidance, x, y):
+def _prompt(g, clip, guidance):
     text = g.add("CLIPTextEncode", [PROMPT], inputs=[("clip", "CLIP", (clip, 0))],
-                 outputs=[("CONDITIONING", "CONDITIONING")], pos=(x, y), size=(400, 200))
+                 outputs=[("CONDITIONING", "CONDITIONING")], title="Prompt")
     positive = g.add("FluxGuidance", [guidance], inputs=[("conditioning", "CONDITIONING", (text, 0))],
-                     outputs=[("CONDITIONING", "CONDITIONING")], pos=(x + 440, y))
+                     outputs=[("CONDITIONING", "CONDITIONING")])
     negative = g.add("ConditioningZeroOut", [], inputs=[("conditioning", "CONDITIONING", (text, 0))],
-                     outputs=[("CONDITIONING", "CONDITIONING")], pos=(x + 440, y + 160))
+                     outputs=[("CONDITIONING", "CONDITIONING")], title="Negative: none (FLUX)")
     return text, positive, negative
 
 
-def _clear(g, model, weights, proportional, ntk, x, y):
+def _clear(g, model, weights, proportional, ntk):
     return g.add("CLEARAttentionPatch", [weights, 0, 0, proportional, ntk], inputs=[("model", "MODEL", (model, 0))],
-                 outputs=[("MODEL", "MODEL")], pos=(x, y), size=(340, 200))
+                 outputs=[("MODEL", "MODEL")], models=[(weights, "clear", CLEAR_URL.format(weights))])
 
 
-def _ksampler(g, model, positive, negative, latent, steps, denoise, x, y, title=None):
+def _ksampler(g, model, positive, negative, latent, steps, denoise, title=None):
     return g.add("KSampler", [SEED, "fixed", steps, 1.0, "euler", "simple", denoise],
-                 inputs=[("model", "MODEL", (model, 0)), ("positive", "CONDITIONING", (positive, 0)),
-                         ("negative", "CONDITIONING", (negative, 0)), ("latent_image", "LATENT", (latent, 0))],
-                 outputs=[("LATENT", "LATENT")], pos=(x, y), size=(320, 270), title=title)
+                 inputs=[("model", "MODEL", (model, 0)), ("positive", "CONDITIONING", positive),
+                         ("negative", "CONDITIONING", negative), ("latent_image", "LATENT", (latent, 0))],
+                 outputs=[("LATENT", "LATENT")], title=title)
 
 
-def clear_flux_1k():
+MODELS_NOTE = """**Files** (ComfyUI offers a download for each missing one):
+- `models/diffusion_models/` flux1-dev.safetensors
+- `models/text_encoders/` clip_l.safetensors, t5xxl_fp16.safetensors (t5xxl_fp8_e4m3fn works too)
+- `models/vae/` ae.safetensors
+- `models/clear/` {clear}: downloads from huggingface.co/Huage001/CLEAR on the first run; offline, put it there yourself"""
+
+
+def clear_flux_1k(weights):
     g = Graph()
     unet, clip, vae = _loaders(g)
-    patched = _clear(g, unet, "clear_local_16.safetensors", False, 1.0, 400, 0)
-    _, positive, negative = _text(g, clip, 3.5, 400, 260)
-    latent = g.add("EmptySD3LatentImage", [1024, 1024, 1], outputs=[("LATENT", "LATENT")], pos=(840, 480))
-    sampled = _ksampler(g, patched, positive, negative, latent, 20, 1.0, 1300, 0)
+    patched = _clear(g, unet, weights, False, 1.0)
+    text, positive, negative = _prompt(g, clip, 3.5)
+    latent = g.add("EmptySD3LatentImage", [1024, 1024, 1], outputs=[("LATENT", "LATENT")])
+    sampled = _ksampler(g, patched, (positive, 0), (negative, 0), latent, 20, 1.0)
     image = g.add("VAEDecode", [], inputs=[("samples", "LATENT", (sampled, 0)), ("vae", "VAE", (vae, 0))],
-                  outputs=[("IMAGE", "IMAGE")], pos=(1660, 0))
-    g.add("SaveImage", ["CLEAR_1k"], inputs=[("images", "IMAGE", (image, 0))], pos=(1900, 0), size=(400, 440))
-    g.note(f"""# CLEAR, text to image at 1024 x 1024
+                  outputs=[("IMAGE", "IMAGE")])
+    save = g.add("SaveImage", ["CLEAR_1k"], inputs=[("images", "IMAGE", (image, 0))])
+    note = g.note(f"""## CLEAR text to image, 1024 x 1024
 
-The simplest use of **CLEAR Attention Patch**: FLUX.1-dev's attention is
-replaced by CLEAR local attention (each image token sees the tokens within
-16 tokens = 256 px, plus all text tokens) with the distilled
-`clear_local_16` weights. At 1K CLEAR is about as fast as full attention; it is
-here to check the setup. Use the 4K / 8K workflows for speed.
+The simplest use of **CLEAR Attention Patch**: FLUX.1-dev's attention becomes CLEAR local attention (each image token sees the image tokens within 16 tokens = 256 px, plus all text tokens) with the distilled `{weights}` weights.
 
-**Models**
-{MODEL_LIST}
+At 1K CLEAR is about as fast as full attention: this workflow checks the setup. For speed use the 4K and 8K workflows.
 
-**Tune**: `weights` (clear_local_8 is faster and more local, clear_local_32
-closer to full attention), steps, guidance (FluxGuidance 3.5).
-""", pos=(-600, 0))
+{MODELS_NOTE.format(clear=weights)}
+
+**Tune**: `weights` (clear_local_8 is faster and more local, clear_local_32 closer to full attention), steps, guidance (FluxGuidance 3.5).
+""")
+    g.layout([(None, None, [[note]]),
+              [("Models", "models", [[unet, clip, vae]]), ("Prompt", "prompt", [[text, positive, negative]])],
+              ("Text to image at 1024² with CLEAR", "clear", [[patched, latent], [sampled]]),
+              ("Decode and save", "decode", [[image, save]])])
     return g
 
 
-def clear_flux_hires(target, clear_file, lora=False, controlnet=False):
+def clear_flux_hires(target, clear_file, lora=False, controlnet=False, after_clear=()):
     """The reference high-resolution recipe: base image with the unpatched
-    model, upscale, then SDEdit at the target size with the CLEAR model."""
+    model, upscale, then SDEdit at the target size with the CLEAR model.
+    after_clear: (node type, widget values) of MODEL -> MODEL nodes to put
+    between the CLEAR patch and the high-resolution sampler, in order."""
     g = Graph()
     unet, clip, vae = _loaders(g)
     model = unet
+    loaders = [unet, clip, vae]
     if lora:
         model = g.add("LoraLoaderModelOnly", [LORA_FILE, 1.0], inputs=[("model", "MODEL", (unet, 0))],
-                      outputs=[("MODEL", "MODEL")], pos=(400, -200))
-    text, base_positive, negative = _text(g, clip, 3.5, 400, 260)
+                      outputs=[("MODEL", "MODEL")], title="Your LoRA → models/loras")
+        loaders.insert(1, model)
+    text, base_positive, negative = _prompt(g, clip, 3.5)
 
     # 1. base image at 1024 x 1024 with the model as it is
-    base_latent = g.add("EmptySD3LatentImage", [1024, 1024, 1], outputs=[("LATENT", "LATENT")], pos=(840, 480))
-    base = _ksampler(g, model, base_positive, negative, base_latent, 20, 1.0, 1300, 0, title="Base 1024 (full attention)")
+    base_latent = g.add("EmptySD3LatentImage", [1024, 1024, 1], outputs=[("LATENT", "LATENT")])
+    base = _ksampler(g, model, (base_positive, 0), (negative, 0), base_latent, 20, 1.0)
     base_image = g.add("VAEDecode", [], inputs=[("samples", "LATENT", (base, 0)), ("vae", "VAE", (vae, 0))],
-                       outputs=[("IMAGE", "IMAGE")], pos=(1660, 0))
+                       outputs=[("IMAGE", "IMAGE")])
 
     # 2. upscale to the target and encode it (tiled: the VAE would not fit at 4K-8K otherwise)
     upscaled = g.add("ImageScale", ["lanczos", target, target, "disabled"],
-                     inputs=[("image", "IMAGE", (base_image, 0))], outputs=[("IMAGE", "IMAGE")], pos=(1900, 0))
+                     inputs=[("image", "IMAGE", (base_image, 0))], outputs=[("IMAGE", "IMAGE")])
     hires_latent = g.add("VAEEncodeTiled", [1024, 64, 64, 8],
                          inputs=[("pixels", "IMAGE", (upscaled, 0)), ("vae", "VAE", (vae, 0))],
-                         outputs=[("LATENT", "LATENT")], pos=(2240, 0))
+                         outputs=[("LATENT", "LATENT")])
 
     # 3. SDEdit at the target size with CLEAR: fixed shift 3, guidance 7.5, NTK 10, proportional attention
     shifted = g.add("ModelSamplingFlux", [LN3, LN3, target, target], inputs=[("model", "MODEL", (model, 0))],
-                    outputs=[("MODEL", "MODEL")], pos=(1300, 400), title="Fixed shift 3 (max = base = ln 3)")
-    patched = _clear(g, shifted, clear_file, True, 10.0, 1300, 600)
+                    outputs=[("MODEL", "MODEL")], title="Fixed shift 3 (max = base = ln 3)")
+    patched = _clear(g, shifted, clear_file, True, 10.0)
+    clear_column = [shifted, patched]
+    for type_, widgets in after_clear:
+        patched = g.model_node(type_, widgets, patched)
+        clear_column.append(patched)
     hires_positive = g.add("FluxGuidance", [7.5], inputs=[("conditioning", "CONDITIONING", (text, 0))],
-                           outputs=[("CONDITIONING", "CONDITIONING")], pos=(1660, 400))
+                           outputs=[("CONDITIONING", "CONDITIONING")])
+    clear_column.append(hires_positive)
     positive, negative_out = (hires_positive, 0), (negative, 0)
+    controlnet_nodes = []
     if controlnet:
-        cn = g.add("ControlNetLoader", [CONTROLNET_FILE], outputs=[("CONTROL_NET", "CONTROL_NET")], pos=(1660, 600),
-                   models=[(CONTROLNET_FILE, "controlnet",
-                            "https://huggingface.co/Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro")])
-        cn = g.add("SetUnionControlNetType", ["tile"], inputs=[("control_net", "CONTROL_NET", (cn, 0))],
-                   outputs=[("CONTROL_NET", "CONTROL_NET")], pos=(1660, 760))
+        cn = g.add("ControlNetLoader", [CONTROLNET_FILE], outputs=[("CONTROL_NET", "CONTROL_NET")],
+                   title="ControlNet → models/controlnet", models=[(CONTROLNET_FILE, "controlnet", CONTROLNET_URL)])
+        mode = g.add("SetUnionControlNetType", ["tile"], inputs=[("control_net", "CONTROL_NET", (cn, 0))],
+                     outputs=[("CONTROL_NET", "CONTROL_NET")])
         applied = g.add("ControlNetApplyAdvanced", [0.6, 0.0, 0.6],
                         inputs=[("positive", "CONDITIONING", (hires_positive, 0)),
                                 ("negative", "CONDITIONING", (negative, 0)),
-                                ("control_net", "CONTROL_NET", (cn, 0)), ("image", "IMAGE", (upscaled, 0)),
+                                ("control_net", "CONTROL_NET", (mode, 0)), ("image", "IMAGE", (upscaled, 0)),
                                 ("vae", "VAE", (vae, 0))],
-                        outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")], pos=(2000, 600))
+                        outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")])
         positive, negative_out = (applied, 0), (applied, 1)
-    hires = g.add("KSampler", [SEED, "fixed", 20, 1.0, "euler", "simple", 0.7],
-                  inputs=[("model", "MODEL", (patched, 0)), ("positive", "CONDITIONING", positive),
-                          ("negative", "CONDITIONING", negative_out),
-                          ("latent_image", "LATENT", (hires_latent, 0))],
-                  outputs=[("LATENT", "LATENT")], pos=(2580, 0), size=(320, 270),
-                  title=f"SDEdit {target} with CLEAR (denoise 0.7)")
+        controlnet_nodes = [cn, mode, applied]
+    hires = _ksampler(g, patched, positive, negative_out, hires_latent, 20, 0.7,
+                      title=f"SDEdit {target}², denoise 0.7")
     image = g.add("VAEDecodeTiled", [1024, 64, 64, 8],
                   inputs=[("samples", "LATENT", (hires, 0)), ("vae", "VAE", (vae, 0))],
-                  outputs=[("IMAGE", "IMAGE")], pos=(2940, 0))
-    g.add("SaveImage", [f"CLEAR_{target // 1024}k"], inputs=[("images", "IMAGE", (image, 0))], pos=(3280, 0),
-          size=(400, 440))
+                  outputs=[("IMAGE", "IMAGE")])
+    save = g.add("SaveImage", [f"CLEAR_{target // 1024}k"], inputs=[("images", "IMAGE", (image, 0))])
 
     size = f"{target // 1024}K"
     r = int(clear_file.split("_")[2].split(".")[0])
     extra = ""
     if lora:
         extra += f"""
-**LoRA**: `models/loras/{LORA_FILE}` (rename to yours) through LoraLoaderModelOnly,
-used by both passes. The CLEAR weights are a base-weight patch and the LoRA a
-delta on top, so *LoRA -> CLEAR* and *CLEAR -> LoRA* give the same model.
+**LoRA**: `{LORA_FILE}` is a placeholder: put your FLUX LoRA in `models/loras/` and pick it in the LoRA node (it has no download link, so the Missing Models dialog does not list it). Both passes use it. CLEAR replaces base weights and the LoRA adds on top, so LoRA before or after CLEAR gives the same model.
 """
     if controlnet:
         extra += f"""
-**ControlNet**: `models/controlnet/{CONTROLNET_FILE}` (Shakker-Labs FLUX.1-dev
-ControlNet Union Pro, mode *tile*), fed the upscaled base image, guides the
-high-resolution pass (strength 0.6, first 60% of the steps). The ControlNet's
-own attention stays full attention: its weights were not distilled for CLEAR.
+**ControlNet**: Shakker-Labs FLUX.1-dev ControlNet Union Pro in mode *tile*, fed the upscaled base image, guides the high-resolution pass (strength 0.6, first 60% of the steps). Its own attention stays full: its weights were not distilled for CLEAR. Its repo names the file diffusion_pytorch_model.safetensors: save it as `models/controlnet/{CONTROLNET_FILE}`.
 """
-    g.note(f"""# CLEAR, {size} ({target} x {target}) from a 1K base
+    note = g.note(f"""## CLEAR {size}: {target} x {target} from a 1K base
 
-The high-resolution recipe of the CLEAR paper, as a ComfyUI graph:
+The CLEAR paper's high-resolution recipe:
+1. **Base** 1024 x 1024 with FLUX.1-dev as it is (20 steps, guidance 3.5).
+2. **Upscale** to {target} x {target} (lanczos) and encode (tiled VAE).
+3. **SDEdit at {size}** with the CLEAR model: denoise **0.7** of 20 steps (14 run), guidance **7.5**, `{clear_file}` (radius {r} tokens = {16 * r} px), proportional attention, RoPE NTK factor **10**, fixed time shift **3** (ModelSamplingFlux with max = base shift = ln 3: what the reference code runs; the usual resolution-dependent shift is far too strong at {size}).
+4. **Decode** (tiled VAE) and save.
 
-1. **Base**: 1024 x 1024 with FLUX.1-dev as it is (20 steps, guidance 3.5).
-2. **Upscale** to {target} x {target} (lanczos), **tiled VAE encode**.
-3. **SDEdit at {size}** with the patched model: denoise **0.7** of 20 steps
-   (14 steps run), FLUX guidance **7.5**, CLEAR `{clear_file}`
-   (radius {r} tokens = {16 * r} px), **proportional attention** on,
-   **RoPE NTK factor 10**, and a **fixed time shift of 3**
-   (ModelSamplingFlux with max_shift = base_shift = ln 3 = 1.0986: the static
-   shift of FLUX.1-dev's scheduler config, which is what the reference code
-   actually runs; the usual resolution-dependent shift is far too strong at
-   {size}), then a **tiled VAE decode**.
-
-Why r = {r}: the attention cost per token grows with r^2 while the image-level
-structure already comes from the base image; r = 16 is the setting the paper
-reports at 4K-8K (attention FLOPs cut by 99.5% at 8K). clear_local_8 is faster
-again, clear_local_32 closer to full attention.
+r = {r} is the paper's setting at 4K-8K: the layout comes from the base image, the pass refines detail with local context (attention FLOPs -99.5% at 8K).
 {extra}
-**Models**
-{MODEL_LIST}
+{MODELS_NOTE.format(clear=clear_file)}
 
-**Tune**: denoise (0.6-0.8: lower keeps the base image, higher adds detail),
-the prompt, `weights`. Sizes must be multiples of 16.
-""", pos=(-600, 0))
+**Tune**: denoise 0.6-0.8 (lower keeps the base image, higher adds detail), the prompt, `weights` (clear_local_8 faster, clear_local_32 closer to full attention). Sizes: multiples of 16.
+""")
+    upscale_stack = [(f"2. Upscale to {target}²", "upscale", [[upscaled, hires_latent]])]
+    if controlnet:
+        upscale_stack.append(("ControlNet tile", "controlnet", [controlnet_nodes]))
+    g.layout([(None, None, [[note]]),
+              [("Models", "models", [loaders]), ("Prompt", "prompt", [[text, base_positive, negative]])],
+              ("1. Base 1024² (full attention)", "base", [[base_latent, base, base_image]]),
+              upscale_stack,
+              (f"3. {size} pass with CLEAR", "clear", [clear_column + [hires]]),
+              ("4. Decode and save", "decode", [[image, save]])])
     return g
 
 
-WORKFLOWS = {
-    "clear_flux_1k.json": clear_flux_1k,
-    "clear_flux_4k.json": lambda: clear_flux_hires(4096, "clear_local_16.safetensors"),
-    "clear_flux_8k.json": lambda: clear_flux_hires(8192, "clear_local_16.safetensors"),
-    "clear_flux_4k_lora.json": lambda: clear_flux_hires(4096, "clear_local_16.safetensors", lora=True),
-    "clear_flux_4k_controlnet.json": lambda: clear_flux_hires(4096, "clear_local_16.safetensors", controlnet=True),
+# File name (the template's title in ComfyUI) -> what it does. Alphabetical order is reading order.
+# target None: text to image at 1024; else the hires fix to target x target.
+# after_clear: MODEL -> MODEL nodes (type, widget values) between the CLEAR patch and the hires sampler.
+SPECS = {
+    "CLEAR FLUX 1K text to image": dict(target=None, weights="clear_local_16.safetensors"),
+    "CLEAR FLUX 4K hires": dict(target=4096, weights="clear_local_16.safetensors"),
+    "CLEAR FLUX 4K hires + ControlNet": dict(target=4096, weights="clear_local_16.safetensors", controlnet=True),
+    "CLEAR FLUX 4K hires + LoRA": dict(target=4096, weights="clear_local_16.safetensors", lora=True),
+    "CLEAR FLUX 8K hires": dict(target=8192, weights="clear_local_16.safetensors"),
 }
 
 
+def build(name):
+    spec = dict(SPECS[name])
+    target, weights = spec.pop("target"), spec.pop("weights")
+    return clear_flux_1k(weights) if target is None else clear_flux_hires(target, weights, **spec)
+
+
+WORKFLOWS = [name + ".json" for name in SPECS]
+
+
 def render(name):
-    return json.dumps(WORKFLOWS[name]().to_json(), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(build(name[:-5]).to_json(), indent=2, ensure_ascii=False) + "\n"
 
 
 if __name__ == "__main__":
