@@ -1,0 +1,286 @@
+"""FLUX Token Chunking on the tiny FLUX built with ComfyUI's own classes: the
+chunked blocks against ComfyUI's blocks, and sampling through ComfyUI's real
+path chunked vs unchunked, with and without CLEAR in both node orders, with
+low-VRAM LoRA patches, fp8 weights and a ControlNet."""
+
+import dataclasses
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfyui
+
+T_CTX, VEC = 64, 32  # tiny FLUX context_in_dim / vec_in_dim (tests/flux_tiny.py)
+
+
+@pytest.fixture
+def tiny(comfyui, monkeypatch):
+    import comfy.ldm.flux.model
+    import flux_tiny
+
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        base = flux_tiny.tiny_unet_config  # ComfyUI 0.33 needs it (FLUX.1: none)
+        monkeypatch.setattr(flux_tiny, "tiny_unet_config", lambda **c: {"txt_ids_dims": [], **base(**c)})
+    return flux_tiny
+
+
+@pytest.fixture
+def chunking(comfyui):
+    from comfyui_clear.nodes import token_chunking
+    return token_chunking
+
+
+@pytest.fixture
+def ran(chunking, monkeypatch):
+    """Counts chunked block runs."""
+    calls = {"double": 0, "single": 0}
+    for kind in calls:
+        real = getattr(chunking, f"{kind}_block")
+
+        def counted(*a, _kind=kind, _real=real, **k):
+            calls[_kind] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(chunking, f"{kind}_block", counted)
+    return calls
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _block_inputs(dm, batch, text, grid, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = dm.hidden_size
+    img = torch.randn(batch, grid[0] * grid[1], hidden, generator=gen).to(dtype)
+    txt = torch.randn(batch, text, hidden, generator=gen).to(dtype)
+    vec = torch.randn(batch, hidden, generator=gen).to(dtype)
+    ids = torch.zeros(batch, text + grid[0] * grid[1], 3)
+    ids[:, text:, 1] = (torch.arange(grid[0] * grid[1]) // grid[1]).float()
+    ids[:, text:, 2] = (torch.arange(grid[0] * grid[1]) % grid[1]).float()
+    return img, txt, vec, dm.pe_embedder(ids)
+
+
+@pytest.mark.parametrize("dtype,chunk,batch,text,grid", [
+    (torch.float32, 7, 2, 5, (6, 7)),     # odd chunk, chunks straddle text/image
+    (torch.float32, 16, 1, 3, (5, 5)),
+    (torch.float32, 1, 1, 2, (3, 4)),     # one token per chunk
+    (torch.bfloat16, 13, 2, 6, (7, 5)),
+])
+def test_chunked_blocks_match_comfyui_blocks(tiny, chunking, dtype, chunk, batch, text, grid):
+    model = tiny.make_tiny_flux(dtype=dtype)
+    dm = model.model.diffusion_model
+    img, txt, vec, pe = _block_inputs(dm, batch, text, grid, dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    with torch.no_grad():
+        for block in dm.double_blocks:
+            want_img, want_txt = block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, transformer_options={})
+            img_in, txt_in = img.clone(), txt.clone()
+            got_img, got_txt = chunking.double_block(
+                block, {"img": img_in, "txt": txt_in, "vec": vec, "pe": pe, "transformer_options": {}}, chunk)
+            assert torch.equal(img_in, img) and torch.equal(txt_in, txt)  # inputs untouched
+            assert _rel(got_img, want_img) < tol and _rel(got_txt, want_txt) < tol
+        x = torch.cat((txt, img), 1)
+        for block in dm.single_blocks:
+            want = block(x.clone(), vec=vec, pe=pe, transformer_options={})
+            got = chunking.single_block(block, {"img": x.clone(), "vec": vec, "pe": pe, "transformer_options": {}}, chunk)
+            assert _rel(got, want) < tol, _rel(got, want)
+
+
+def _conditioning(T, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, T, T_CTX, generator=gen), {"pooled_output": torch.randn(1, VEC, generator=gen),
+                                                       "guidance": 3.5}]]
+
+
+def _sample(model, latent, positive, seed=0):
+    import comfy.sample
+
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    return comfy.sample.sample(model, noise, 1, 1.0, "euler", "simple", positive, positive, latent,
+                               denoise=1.0, disable_pbar=True, seed=seed)
+
+
+@pytest.mark.parametrize("order", ["dense", "clear_then_chunk", "chunk_then_clear"])
+def test_sampling_chunked_matches_unchunked(tiny, chunking, ran, monkeypatch, order):
+    """One Euler step through comfy.sample.sample: the chunked model gives the
+    unchunked model's result, dense or with CLEAR (both node orders)."""
+    from comfyui_clear.nodes import clear_patch
+    import comfyui_clear.kernels as kernels
+
+    clear_calls = []
+    op = kernels.clear_attention
+    monkeypatch.setattr(kernels, "clear_attention", lambda *a, **k: clear_calls.append(1) or op(*a, **k))
+    model = tiny.make_tiny_flux()
+    latent = torch.randn(2, 16, 18, 14, generator=torch.Generator().manual_seed(1))  # 9x7 grid, batch 2
+    positive = _conditioning(5, seed=2)
+
+    def clear(m):
+        return clear_patch.patch_model(m, "none (training-free)", window_size=2)
+
+    def chunk(m):
+        return chunking.CLEARTokenChunking().patch(m, 16)[0]
+
+    reference = model if order == "dense" else clear(model)
+    patched = {"dense": lambda: chunk(model), "clear_then_chunk": lambda: chunk(clear(model)),
+               "chunk_then_clear": lambda: clear(chunk(model))}[order]()
+    want = _sample(reference, latent, positive)
+    calls_unchunked = len(clear_calls)
+    got = _sample(patched, latent, positive)
+    assert ran == {"double": 2, "single": 2}
+    assert len(clear_calls) == 2 * calls_unchunked == (0 if order == "dense" else 8)
+    assert _rel(got, want) < 1e-6
+    assert _rel(_sample(model, latent, positive), want) > 1e-3 or order == "dense"  # CLEAR changed the result
+
+
+def test_second_node_replaces_the_first(tiny, chunking, ran):
+    from comfyui_clear.nodes import clear_patch
+
+    model = tiny.make_tiny_flux()
+    first = chunking.patch_model(model, 1 << 20)  # never chunks
+    twice = chunking.patch_model(clear_patch.patch_model(first, "none (training-free)", window_size=2), 16)
+    latent = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(3))
+    _sample(twice, latent, _conditioning(4, seed=4))
+    assert ran == {"double": 2, "single": 2}  # the later node's chunk size
+
+
+def test_auto_chunk_size_follows_free_memory(chunking):
+    itemsize, h = 2, 3072
+    tokens = 64 * 64 + 512
+    per_token_whole = chunking.whole_sequence_elements("single", h) * itemsize
+    per_token_chunk = chunking.chunk_elements("single", h) * itemsize
+    roomy = tokens * (per_token_whole + per_token_chunk)
+    assert chunking.chunk_tokens_for("single", tokens, 1, itemsize, roomy) == tokens  # fits: no chunking
+    tight = tokens * per_token_whole + tokens * per_token_chunk // 5  # a fifth of the temporaries fit
+    chunk = chunking.chunk_tokens_for("single", tokens, 1, itemsize, tight)
+    assert chunk == -(-tokens // 8)  # power-of-two steps, as ComfyUI's split attention
+    assert chunking.chunk_tokens_for("double", tokens, 1, itemsize, 0) == chunking.MIN_CHUNK
+
+
+def test_auto_does_not_chunk_small_sequences(tiny, chunking, ran):
+    model = tiny.make_tiny_flux()
+    (patched,) = chunking.CLEARTokenChunking().patch(model, 0)
+    latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    positive = _conditioning(3, seed=6)
+    assert torch.equal(_sample(patched, latent, positive), _sample(model, latent, positive))
+    assert ran == {"double": 0, "single": 0}
+
+
+def _lora_patches(dm, seed=9):
+    """A LoRA-like weight diff on every Linear weight of the blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    patches = {}
+    for name, module in dm.named_modules():
+        if isinstance(module, torch.nn.Linear) and "blocks." in name:
+            w = module.weight
+            patches[f"diffusion_model.{name}.weight"] = (0.05 * torch.randn(w.shape, generator=gen) / w.shape[1] ** 0.5,)
+    return patches
+
+
+@pytest.mark.parametrize("weights", ["fp32", "fp8"])
+def test_low_vram_lora_patches_apply_once_per_block_call(tiny, chunking, monkeypatch, weights):
+    """Low-VRAM loading leaves LoRA patches as per-forward weight functions
+    (ComfyUI's LowVramPatch): chunking must cast and patch each layer once per
+    block call, like the unchunked block, and give its result."""
+    import comfy.model_patcher
+    import comfy.patcher_extension
+
+    counts = {}
+    real_call = comfy.model_patcher.LowVramPatch.__call__
+
+    def counting(self, weight, *a, **k):
+        counts[self.key] = counts.get(self.key, 0) + 1
+        return real_call(self, weight, *a, **k)
+    monkeypatch.setattr(comfy.model_patcher.LowVramPatch, "__call__", counting)
+
+    if weights == "fp8":
+        model = tiny.make_tiny_flux(dtype=torch.float8_e4m3fn)  # fp8 storage, ComfyUI casts per forward
+        model.model.manual_cast_dtype = torch.float32
+    else:
+        model = tiny.make_tiny_flux()
+    dm = model.model.diffusion_model
+    model.add_patches(_lora_patches(dm), 1.0)
+    cpu = torch.device("cpu")
+    model.load(cpu, lowvram_model_memory=1, force_patch_weights=False)  # nothing fits: patches stay per forward
+    assert any(getattr(m, "weight_function", None) for m in dm.modules())
+    compute = torch.float32
+    img_latent = torch.randn(1, 16, 14, 12, generator=torch.Generator().manual_seed(7)).to(compute)
+    context = torch.randn(1, 4, T_CTX, generator=torch.Generator().manual_seed(8)).to(compute)
+    y = torch.randn(1, VEC, generator=torch.Generator().manual_seed(9)).to(compute)
+    t, g = torch.tensor([0.7]), torch.tensor([3.5])
+
+    def run(patcher):
+        options = dict(patcher.model_options.get("transformer_options", {}))
+        options["wrappers"] = patcher.wrappers
+        counts.clear()
+        with torch.no_grad():
+            out = dm(img_latent, t, context, y, g, transformer_options=options)
+        return out, dict(counts)
+
+    want, unchunked_counts = run(model)
+    got, chunked_counts = run(chunking.patch_model(model, 8))  # 6x7 grid + 4 text: 6 chunks per single block
+    assert unchunked_counts and all(n == 1 for n in unchunked_counts.values())
+    assert chunked_counts == unchunked_counts
+    assert _rel(got, want) < 1e-6
+    model.detach()
+
+
+def test_controlnet_residuals_on_chunked_model(tiny, chunking, ran):
+    """ComfyUI adds ControlNet residuals to the block outputs: same result chunked."""
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+
+    config = tiny.tiny_unet_config()
+    config.pop("image_model")
+    control_model = comfy.ldm.flux.controlnet.ControlNetFlux(
+        latent_input=True, control_latent_channels=3, operations=comfy.ops.disable_weight_init, **config)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in control_model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[1] ** 0.5 if p.dim() > 1 else 10)
+                    + (1.0 if name.endswith(".scale") else 0.0))
+    cpu = torch.device("cpu")
+    control = comfy.controlnet.ControlNet(control_model, compression_ratio=1, latent_format=None, load_device=cpu,
+                                          manual_cast_dtype=None, extra_conds=["y", "guidance"])
+    latent = torch.randn(1, 16, 12, 10, generator=torch.Generator().manual_seed(12))
+    hint = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(13))
+    plain = _conditioning(5, seed=14)
+    controlled = [[plain[0][0], {**plain[0][1], "control": control.copy().set_cond_hint(hint, 1.0, (0.0, 1.0)),
+                                 "control_apply_to_uncond": False}]]
+    model = tiny.make_tiny_flux()
+    want = _sample(model, latent, controlled)
+    got = _sample(chunking.patch_model(model, 16), latent, controlled)
+    assert ran["double"] == 2 and ran["single"] == 2  # the ControlNet's own blocks are not patched
+    assert _rel(got, want) < 1e-6
+    assert _rel(want, _sample(model, latent, plain)) > 1e-3
+
+
+def test_torch_compile(tiny, chunking, ran):
+    """The chunked blocks trace under torch.compile (dynamo; eager backend, no compiler needed)."""
+    model = tiny.make_tiny_flux()
+    latent = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(15))
+    positive = _conditioning(4, seed=16)
+    want = _sample(model, latent, positive)
+    patched = chunking.patch_model(model, 16)
+    patched.add_object_patch("diffusion_model", torch.compile(patched.get_model_object("diffusion_model"),
+                                                              backend="eager"))
+    torch._dynamo.reset()
+    assert _rel(_sample(patched, latent, positive), want) < 1e-6
+    assert ran["single"] >= 2
+
+
+def test_bad_inputs_raise(tiny, chunking):
+    model = tiny.make_tiny_flux()
+    with pytest.raises(chunking.TokenChunkingError, match="chunk_tokens must be >= 0"):
+        chunking.patch_model(model, -1)
+
+
+def test_node_interface(chunking):
+    from comfyui_clear.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    assert NODE_CLASS_MAPPINGS["CLEARTokenChunking"] is chunking.CLEARTokenChunking
+    assert NODE_DISPLAY_NAME_MAPPINGS["CLEARTokenChunking"] == "FLUX Token Chunking (CLEAR)"
+    inputs = chunking.CLEARTokenChunking.INPUT_TYPES()["required"]
+    assert list(inputs) == ["model", "chunk_tokens"]
+    assert inputs["chunk_tokens"][1]["default"] == 0 and inputs["chunk_tokens"][1]["min"] == 0
+    assert chunking.CLEARTokenChunking.CATEGORY == "advanced/model"
