@@ -49,46 +49,49 @@ def _warn_once(message):
 
 
 # ---------------------------------------------------------------------------
-# Memory: per-token element counts shared by the auto chunk size and the
-# memory model (bench/README). h = hidden size, m = MLP width, both FLUX.1's
-# by default. "Whole" buffers live over the whole sequence while a chunked
-# block runs; "chunk" temporaries scale with the chunk.
+# Memory model: the bytes a FLUX block allocates besides its inputs, counted
+# from the tensors its code holds at each point (h = hidden, m = MLP width,
+# L = all tokens, N = image tokens, c = chunk). ComfyUI 0.33's own block when
+# chunk is None (0.3.64 frees less and peaks higher). RoPE upcasts q and k to
+# float32 one at a time: r = the float32 copy and product of one, in units of
+# h (none in float32). The auto chunk size and bench/ use the same numbers.
 
-def whole_sequence_elements(kind, h=3072):
-    """Elements per token a chunked block holds over the whole sequence besides
-    its input: q, k, v and the attention output (+ the linear2 MLP partial)."""
-    return (5 if kind == "single" else 4) * h
+def block_activation_bytes(kind, tokens, itemsize=2, chunk=None, batch=1, text=TEXT_TOKENS, h=3072, m=12288):
+    L, N = tokens, tokens - text
+    chunk = None if chunk is not None and chunk >= tokens else chunk  # one chunk runs ComfyUI's block
+    r = 0 if itemsize >= 4 else 2 * 4 // itemsize * h
+    if chunk is None and kind == "single":
+        lin1 = 3 * h + m
+        peak = max(L * (lin1 + 2 * h + h + r),        # roping k: linear1 out, normed q/k, roped q
+                   L * (lin1 + 2 * h + 2 * h + 2 * h),  # attention: + roped q/k, output and its reshape
+                   L * (lin1 + h + m),                  # GELU while the linear1 output is still held
+                   L * (h + m + (h + m) + h))           # linear2 on [attention | GELU]
+    elif chunk is None:
+        peak = max(L * (3 * h + 3 * h),                 # q/k/v concatenated while the qkv outputs live
+                   L * (3 * h + h + r),                 # roping k
+                   L * (3 * h + 2 * h + 2 * h),         # attention: q/k/v, roped q/k, output + reshape
+                   L * h + N * (h + 2 * m))             # image MLP: modulated input, fc1, GELU
+    elif kind == "single":
+        c, lin1 = chunk, 3 * h + m
+        peak = max(L * 4 * h + c * max(lin1 + 4 * h, lin1 + 3 * h + r, lin1 + m),  # q/k/v + MLP partial
+                   L * 6 * h,                                                      # attention + output
+                   L * 2 * h + c * 3 * h)                                          # output pass
+    else:
+        c = chunk
+        peak = max(L * 3 * h + c * (6 * h + max(2 * h, h + r)),  # q/k/v + one chunk's projection, norms, RoPE
+                   L * 5 * h,                                    # attention + output
+                   L * h + c * (2 * h + 2 * m))                  # output pass: residual, MLP
+    return batch * itemsize * peak
 
 
-def chunk_elements(kind, h=3072, m=12288):
-    """Peak elements per token of one chunk's temporaries (the larger pass)."""
-    if kind == "single":
-        # modulated input, linear1 output, normed q/k, RoPE's fp32 q/k (x2), GELU
-        return h + (3 * h + m) + 2 * h + 4 * h + m
-    # pass 1: modulated input, qkv, normed q/k, RoPE's fp32 q/k (x2);
-    # pass 2: residual, proj, norm2/modulated input, MLP hidden + GELU
-    return max(h + 3 * h + 2 * h + 4 * h, 3 * h + 2 * m)
-
-
-def dense_elements(kind, h=3072, m=12288):
-    """Peak elements per token ComfyUI's own (unchunked) block holds besides its
-    input, at its largest point (ComfyUI 0.33, which frees q/k/v after attention):
-    single: linear1 output, normed q/k, roped q/k, attention output, then GELU."""
-    if kind == "single":
-        return (3 * h + m) + 2 * h + 2 * h + 4 * h + h + 2 * h  # + RoPE fp32 temporaries
-    return 3 * h + 2 * h + 3 * h + 2 * h + h + 2 * h  # qkv, normed q/k, cat q/k/v, roped q/k, out, fp32 tmp
-
-
-def chunk_tokens_for(kind, tokens, batch, itemsize, free_bytes, h=3072, m=12288):
-    """Chunk size as ComfyUI sizes its split attention: halve the work until one
-    chunk's temporaries fit the free memory left after the whole-sequence buffers.
-    Returns ``tokens`` when the block fits unchunked."""
-    available = free_bytes - batch * tokens * whole_sequence_elements(kind, h) * itemsize
-    needed = batch * tokens * chunk_elements(kind, h, m) * itemsize
-    if needed <= available:
-        return tokens
-    steps = 2 ** math.ceil(math.log2(needed / max(available, 1)))
-    return max(MIN_CHUNK, -(-tokens // steps))
+def chunk_tokens_for(kind, tokens, batch, itemsize, free_bytes, text=TEXT_TOKENS, h=3072, m=12288, margin=1.25):
+    """Chunk size as ComfyUI sizes its split attention: halve the chunk until the
+    block's modelled peak fits the free memory. ``tokens`` = no chunking needed."""
+    steps = 1
+    while steps < tokens and margin * block_activation_bytes(
+            kind, tokens, itemsize, -(-tokens // steps) if steps > 1 else None, batch, text, h, m) > free_bytes:
+        steps *= 2
+    return tokens if steps == 1 else max(MIN_CHUNK, -(-tokens // steps))
 
 
 # ---------------------------------------------------------------------------
@@ -314,8 +317,9 @@ def _run_chunked(args, *, original, kind, index, chunk_tokens):
     chunk = chunk_tokens
     if chunk == 0:
         free = comfy.model_management.get_free_memory(img.device)
-        chunk = chunk_tokens_for(kind, tokens, img.shape[0], img.element_size(), free,
-                                 block.hidden_size, block.mlp_hidden_dim if kind == "single" else block.img_mlp[0].out_features)
+        mlp = block.mlp_hidden_dim if kind == "single" else block.img_mlp[0].out_features
+        text = args["txt"].shape[1] if kind == "double" else 0
+        chunk = chunk_tokens_for(kind, tokens, img.shape[0], img.element_size(), free, text, block.hidden_size, mlp)
     if chunk >= tokens:
         return original(args)
     if kind == "double":

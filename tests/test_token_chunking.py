@@ -144,16 +144,19 @@ def test_second_node_replaces_the_first(tiny, chunking, ran):
 
 
 def test_auto_chunk_size_follows_free_memory(chunking):
-    itemsize, h = 2, 3072
-    tokens = 64 * 64 + 512
-    per_token_whole = chunking.whole_sequence_elements("single", h) * itemsize
-    per_token_chunk = chunking.chunk_elements("single", h) * itemsize
-    roomy = tokens * (per_token_whole + per_token_chunk)
-    assert chunking.chunk_tokens_for("single", tokens, 1, itemsize, roomy) == tokens  # fits: no chunking
-    tight = tokens * per_token_whole + tokens * per_token_chunk // 5  # a fifth of the temporaries fit
-    chunk = chunking.chunk_tokens_for("single", tokens, 1, itemsize, tight)
-    assert chunk == -(-tokens // 8)  # power-of-two steps, as ComfyUI's split attention
-    assert chunking.chunk_tokens_for("double", tokens, 1, itemsize, 0) == chunking.MIN_CHUNK
+    tokens, gib = 128 * 128 + 512, 2 ** 30  # 2K, bf16
+    dense = chunking.block_activation_bytes("single", tokens, 2)
+    assert chunking.chunk_tokens_for("single", tokens, 1, 2, 2 * dense) == tokens  # fits: no chunking
+    chunk = chunking.chunk_tokens_for("single", tokens, 1, 2, 0.6 * dense)
+    assert chunk in [-(-tokens // s) for s in (2, 4, 8, 16, 32)]  # power-of-two steps, as ComfyUI's split attention
+    assert 1.25 * chunking.block_activation_bytes("single", tokens, 2, chunk) <= 0.6 * dense
+    assert 1.25 * chunking.block_activation_bytes("single", tokens, 2, 2 * chunk) > 0.6 * dense  # the largest that fits
+    assert chunking.chunk_tokens_for("double", tokens, 1, 2, 0) == chunking.MIN_CHUNK
+    # the model: chunked holds a fraction of the dense block at 8K
+    eight_k = 512 * 512 + 512
+    for kind in ("single", "double"):
+        assert chunking.block_activation_bytes(kind, eight_k, 2, 8192) < 0.55 * chunking.block_activation_bytes(kind, eight_k, 2)
+    assert 19 * gib < chunking.block_activation_bytes("single", eight_k, 2) < 23 * gib
 
 
 def test_auto_does_not_chunk_small_sequences(tiny, chunking, ran):
@@ -193,8 +196,7 @@ def test_low_vram_lora_patches_apply_once_per_block_call(tiny, chunking, monkeyp
     monkeypatch.setattr(comfy.model_patcher.LowVramPatch, "__call__", counting)
 
     if weights == "fp8":
-        model = tiny.make_tiny_flux(dtype=torch.float8_e4m3fn)  # fp8 storage, ComfyUI casts per forward
-        model.model.manual_cast_dtype = torch.float32
+        model = tiny.make_tiny_flux(dtype=torch.float8_e4m3fn)  # fp8 storage, cast per forward once low-VRAM
     else:
         model = tiny.make_tiny_flux()
     dm = model.model.diffusion_model
@@ -222,6 +224,67 @@ def test_low_vram_lora_patches_apply_once_per_block_call(tiny, chunking, monkeyp
     assert chunked_counts == unchunked_counts
     assert _rel(got, want) < 1e-6
     model.detach()
+
+
+def _comfyui_gguf():
+    """ComfyUI-GGUF's ops module (COMFYUI_GGUF_PATH: a checkout of city96/ComfyUI-GGUF)."""
+    import importlib
+    import os
+    import sys
+    import types
+
+    path = os.environ.get("COMFYUI_GGUF_PATH", "/work/comfy/ComfyUI-GGUF")
+    if not os.path.isfile(os.path.join(path, "ops.py")):
+        pytest.skip("COMFYUI_GGUF_PATH does not point at a ComfyUI-GGUF checkout")
+    pytest.importorskip("gguf")
+    if "comfyui_gguf_under_test" not in sys.modules:
+        package = types.ModuleType("comfyui_gguf_under_test")  # its ops and dequant only, not its nodes
+        package.__path__ = [path]
+        sys.modules["comfyui_gguf_under_test"] = package
+    return importlib.import_module("comfyui_gguf_under_test.ops")
+
+
+def test_gguf_weights_dequantize_once_per_block_call(tiny, chunking, monkeypatch):
+    """A tiny FLUX on ComfyUI-GGUF's ops with Q8_0 block weights: chunked gives
+    the unchunked result and dequantizes each layer once per block call."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import gguf
+
+    ops = _comfyui_gguf()
+    dense = tiny.make_tiny_flux().model
+    config = comfy.supported_models.Flux(tiny.tiny_unet_config())
+    config.set_inference_dtype(torch.float32, torch.float32)
+    config.custom_operations = ops.GGMLOps
+    model = config.get_model({})
+    sd = {}
+    for key, value in dense.diffusion_model.state_dict().items():
+        if "blocks." in key and key.endswith(".weight") and value.dim() == 2:
+            q = gguf.quants.quantize(value.numpy(), gguf.GGMLQuantizationType.Q8_0)
+            value = ops.GGMLTensor(torch.from_numpy(q), tensor_type=gguf.GGMLQuantizationType.Q8_0,
+                                   tensor_shape=value.shape)
+        sd[key] = value
+    model.diffusion_model.load_state_dict(sd, strict=False)
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, cpu, cpu)
+    counts = {}
+    real = ops.GGMLLayer.get_weight
+
+    def counting(self, tensor, dtype):
+        if ops.is_quantized(tensor):
+            counts[id(self)] = counts.get(id(self), 0) + 1
+        return real(self, tensor, dtype)
+    monkeypatch.setattr(ops.GGMLLayer, "get_weight", counting)
+    latent = torch.randn(1, 16, 14, 12, generator=torch.Generator().manual_seed(17))
+    positive = _conditioning(4, seed=18)
+    want = _sample(patcher, latent, positive)
+    unchunked = dict(counts)
+    counts.clear()
+    got = _sample(chunking.patch_model(patcher, 8), latent, positive)
+    assert unchunked and all(n == 1 for n in unchunked.values())  # one sampling step: one call per block
+    assert counts == unchunked
+    assert _rel(got, want) < 1e-6
+    assert _rel(want, _sample(tiny.make_tiny_flux(), latent, positive)) > 1e-4  # really the quantized weights
 
 
 def test_controlnet_residuals_on_chunked_model(tiny, chunking, ran):

@@ -1,0 +1,131 @@
+"""Peak memory and time of one full-width FLUX block (hidden 3072, 24 heads),
+ComfyUI's own block vs the token-chunked one, on the CPU, each run in its own
+process; compared with the memory model of nodes/token_chunking.py.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/block_memory.py            # 2K, chunks of 4096 tokens
+    COMFYUI_PATH=... python bench/block_memory.py --grid 128 --chunk 4096 --repeats 2
+
+Per run: resident memory just before the block call (weights, inputs) and the
+process's peak RSS (getrusage) after it; the difference is the block's
+activation peak. Children run with MALLOC_MMAP_THRESHOLD_=65536 so freed
+activations leave the RSS (glibc otherwise keeps some on its heap). Attention
+is PyTorch's SDPA (ComfyUI's --use-pytorch-cross-attention), which holds no
+L x L scores. Times: the block call; the speed ratio takes each mode's fastest
+of --repeats runs, interleaved, so load from other processes hits both alike.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HIDDEN, HEADS, MLP, TEXT = 3072, 24, 12288, 512
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(kind, mode, grid, chunk, comfyui):
+    sys.path.insert(0, comfyui)
+    sys.path.insert(0, os.path.join(REPO, ".pypath"))
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+    import torch
+    import comfy.ldm.flux.layers as layers
+    import comfy.ops
+    from comfyui_clear.nodes import token_chunking
+
+    torch.manual_seed(0)
+    ops = comfy.ops.disable_weight_init
+    with torch.no_grad():
+        if kind == "double":
+            block = layers.DoubleStreamBlock(HIDDEN, HEADS, MLP / HIDDEN, qkv_bias=True, operations=ops)
+        else:
+            block = layers.SingleStreamBlock(HIDDEN, HEADS, MLP / HIDDEN, operations=ops)
+        for p in block.parameters():  # in place: no init temporaries above the baseline
+            p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5) if p.dim() > 1 else p.fill_(1.0)
+        n = grid * grid
+        img = torch.randn(1, n, HIDDEN)
+        txt = torch.randn(1, TEXT, HIDDEN)
+        vec = torch.randn(1, HIDDEN)
+        ids = torch.zeros(1, TEXT + n, 3)
+        ids[0, TEXT:, 1] = (torch.arange(n) // grid).float()
+        ids[0, TEXT:, 2] = (torch.arange(n) % grid).float()
+        pe = layers.EmbedND(dim=HIDDEN // HEADS, theta=10000, axes_dim=[16, 56, 56])(ids)
+        x = torch.cat((txt, img), 1) if kind == "single" else None
+        if kind == "double":
+            args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "transformer_options": {}}
+        else:
+            del img, txt
+            args = {"img": x, "vec": vec, "pe": pe, "transformer_options": {}}
+        before = _rss_bytes()
+        start = time.perf_counter()
+        if mode == "dense" and kind == "double":
+            out = block(**args)
+        elif mode == "dense":
+            out = block(x, vec=vec, pe=pe, transformer_options={})
+        elif kind == "double":
+            out = token_chunking.double_block(block, args, chunk)
+        else:
+            out = token_chunking.single_block(block, args, chunk)
+        seconds = time.perf_counter() - start
+        del out
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"kind": kind, "mode": mode, "grid": grid, "chunk": chunk, "rss_before": before, "rss_peak": peak,
+            "activation_peak": peak - before, "seconds": seconds, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", type=int, default=128, help="image tokens per side (128 = 2K)")
+    parser.add_argument("--chunk", type=int, default=4096, help="tokens per chunk")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--kinds", default="double,single")
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "MODE"), help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    comfyui = os.environ.get("COMFYUI_PATH")
+    if not comfyui:
+        sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
+    if a.child:
+        print(json.dumps(child(*a.child, a.grid, a.chunk, comfyui)))
+        return
+
+    sys.path.insert(0, os.path.join(REPO, ".pypath"))
+    from comfyui_clear.nodes.token_chunking import block_activation_bytes
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    rows = []
+    for kind in a.kinds.split(","):
+        for _ in range(a.repeats):
+            for mode in ("dense", "chunked"):
+                cmd = [sys.executable, os.path.abspath(__file__), "--grid", str(a.grid), "--chunk", str(a.chunk),
+                       "--child", kind, mode]
+                out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                row["modelled"] = block_activation_bytes(kind, TEXT + a.grid * a.grid, 4, None if mode == "dense" else a.chunk)
+                rows.append(row)
+                print(f"{kind:6s} {mode:7s} measured {row['activation_peak'] / 2**30:6.2f} GiB  modelled "
+                      f"{row['modelled'] / 2**30:6.2f} GiB  ({row['modelled'] / row['activation_peak'] - 1:+.1%})  "
+                      f"{row['seconds']:.1f} s", flush=True)
+    print()
+    for kind in a.kinds.split(","):
+        best = {m: min(r["seconds"] for r in rows if r["kind"] == kind and r["mode"] == m) for m in ("dense", "chunked")}
+        print(f"{kind}: chunked / dense time = {best['chunked'] / best['dense']:.3f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"command": sys.argv, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
