@@ -10,8 +10,9 @@ process's peak RSS (getrusage) after it; the difference is the block's
 activation peak. Children run with MALLOC_MMAP_THRESHOLD_=65536 so freed
 activations leave the RSS (glibc otherwise keeps some on its heap). Attention
 is PyTorch's SDPA (ComfyUI's --use-pytorch-cross-attention), which holds no
-L x L scores. Times: the block call; the speed ratio takes each mode's fastest
-of --repeats runs, interleaved, so load from other processes hits both alike.
+L x L scores. Times: the block call, CPU time of the process and wall time;
+the speed ratio takes each mode's fastest of --repeats runs, interleaved, so
+load from other processes hits both alike.
 """
 
 import argparse
@@ -31,7 +32,7 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(kind, mode, grid, chunk, comfyui):
+def child(kind, mode, grid, chunk, threads, comfyui):
     sys.path.insert(0, comfyui)
     sys.path.insert(0, os.path.join(REPO, ".pypath"))
     import comfy.options
@@ -45,6 +46,7 @@ def child(kind, mode, grid, chunk, comfyui):
     from comfyui_clear.nodes import token_chunking
 
     torch.manual_seed(0)
+    torch.set_num_threads(threads)
     ops = comfy.ops.disable_weight_init
     with torch.no_grad():
         if kind == "double":
@@ -68,7 +70,7 @@ def child(kind, mode, grid, chunk, comfyui):
             del img, txt
             args = {"img": x, "vec": vec, "pe": pe, "transformer_options": {}}
         before = _rss_bytes()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if mode == "dense" and kind == "double":
             out = block(**args)
         elif mode == "dense":
@@ -77,11 +79,11 @@ def child(kind, mode, grid, chunk, comfyui):
             out = token_chunking.double_block(block, args, chunk)
         else:
             out = token_chunking.single_block(block, args, chunk)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         del out
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"kind": kind, "mode": mode, "grid": grid, "chunk": chunk, "rss_before": before, "rss_peak": peak,
-            "activation_peak": peak - before, "seconds": seconds, "torch": torch.__version__,
+            "activation_peak": peak - before, "seconds": seconds, "cpu_seconds": cpu_seconds, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
 
@@ -90,6 +92,8 @@ def main():
     parser.add_argument("--grid", type=int, default=128, help="image tokens per side (128 = 2K)")
     parser.add_argument("--chunk", type=int, default=4096, help="tokens per chunk")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is not inflated by "
+                        "threads waiting on each other on a busy machine)")
     parser.add_argument("--kinds", default="double,single")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "MODE"), help=argparse.SUPPRESS)
@@ -98,7 +102,7 @@ def main():
     if not comfyui:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
     if a.child:
-        print(json.dumps(child(*a.child, a.grid, a.chunk, comfyui)))
+        print(json.dumps(child(*a.child, a.grid, a.chunk, a.threads, comfyui)))
         return
 
     sys.path.insert(0, os.path.join(REPO, ".pypath"))
@@ -110,18 +114,19 @@ def main():
         for _ in range(a.repeats):
             for mode in ("dense", "chunked"):
                 cmd = [sys.executable, os.path.abspath(__file__), "--grid", str(a.grid), "--chunk", str(a.chunk),
-                       "--child", kind, mode]
+                       "--threads", str(a.threads), "--child", kind, mode]
                 out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
                 row = json.loads(out.strip().splitlines()[-1])
                 row["modelled"] = block_activation_bytes(kind, TEXT + a.grid * a.grid, 4, None if mode == "dense" else a.chunk)
                 rows.append(row)
                 print(f"{kind:6s} {mode:7s} measured {row['activation_peak'] / 2**30:6.2f} GiB  modelled "
                       f"{row['modelled'] / 2**30:6.2f} GiB  ({row['modelled'] / row['activation_peak'] - 1:+.1%})  "
-                      f"{row['seconds']:.1f} s", flush=True)
+                      f"{row['cpu_seconds']:.1f} s CPU ({row['seconds']:.1f} s wall)", flush=True)
     print()
     for kind in a.kinds.split(","):
-        best = {m: min(r["seconds"] for r in rows if r["kind"] == kind and r["mode"] == m) for m in ("dense", "chunked")}
-        print(f"{kind}: chunked / dense time = {best['chunked'] / best['dense']:.3f}")
+        for clock in ("cpu_seconds", "seconds"):
+            best = {m: min(r[clock] for r in rows if r["kind"] == kind and r["mode"] == m) for m in ("dense", "chunked")}
+            print(f"{kind}: chunked / dense {clock} = {best['chunked'] / best['dense']:.3f}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"command": sys.argv, "rows": rows}, f, indent=1)

@@ -332,6 +332,22 @@ def test_torch_compile(tiny, chunking, ran):
     assert ran["single"] >= 2
 
 
+@pytest.mark.parametrize("case", ["per_token_timesteps", "attn1_patch"])
+def test_blocks_it_cannot_reproduce_run_comfyui_block(tiny, chunking, ran, case):
+    """0.33's per-token timesteps (vec per reference image) or attn1 patches: ComfyUI's own block runs."""
+    model = tiny.make_tiny_flux()
+    dm = model.model.diffusion_model
+    img, txt, vec, pe = _block_inputs(dm, 1, 3, (4, 4), torch.float32)
+    options = {chunking.MODEL_KEY: dm}
+    if case == "per_token_timesteps":
+        vec = torch.cat((vec, vec))
+    else:
+        options["patches"] = {"attn1_patch": [lambda q, k, v, **kw: {}]}
+    args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "transformer_options": options}
+    out = chunking._chunk_block(args, {"original_block": lambda a: "comfyui"}, kind="double", index=0, chunk_tokens=4)
+    assert out == "comfyui" and ran["double"] == 0
+
+
 def test_bad_inputs_raise(tiny, chunking):
     model = tiny.make_tiny_flux()
     with pytest.raises(chunking.TokenChunkingError, match="chunk_tokens must be >= 0"):
