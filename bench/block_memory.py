@@ -5,12 +5,14 @@ process; compared with the memory model of nodes/token_chunking.py.
     COMFYUI_PATH=/path/to/ComfyUI python bench/block_memory.py            # 2K, chunks of 4096 tokens
     COMFYUI_PATH=... python bench/block_memory.py --grid 128 --chunk 4096 --repeats 2
 
-Per run: resident memory just before the block call (weights, inputs) and the
-process's peak RSS (getrusage) after it; the difference is the block's
+Per run: anonymous resident memory (RSS minus file-backed pages, which a busy
+machine may evict) just before the block call (weights, inputs) and its peak
+while the block runs, sampled every ms; the difference is the block's
 activation peak. Children run with MALLOC_MMAP_THRESHOLD_=65536 so freed
 activations leave the RSS (glibc otherwise keeps some on its heap). Attention
 is PyTorch's SDPA (ComfyUI's --use-pytorch-cross-attention), which holds no
-L x L scores. Times: the block call, CPU time of the process and wall time;
+L x L scores. Times: the block call, CPU time of the calling thread (torch runs inline with
+--threads 1) and wall time;
 the speed ratio takes each mode's fastest of --repeats runs, interleaved, so
 load from other processes hits both alike.
 """
@@ -21,15 +23,32 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN, HEADS, MLP, TEXT = 3072, 24, 12288, 512
 
 
-def _rss_bytes():
+def _anon_rss_bytes():
+    """Resident anonymous memory (resident - file-backed): the machine may evict
+    library pages under memory pressure, which would move plain RSS."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        _, resident, shared = f.read().split()[:3]
+    return (int(resident) - int(shared)) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakSampler(threading.Thread):
+    """Samples the anonymous RSS every ms while the block runs (torch ops release the GIL)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.running = _anon_rss_bytes(), True
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, _anon_rss_bytes())
+            time.sleep(0.001)
 
 
 def child(kind, mode, grid, chunk, threads, comfyui):
@@ -69,8 +88,10 @@ def child(kind, mode, grid, chunk, threads, comfyui):
         else:
             del img, txt
             args = {"img": x, "vec": vec, "pe": pe, "transformer_options": {}}
-        before = _rss_bytes()
-        start, cpu_start = time.perf_counter(), time.process_time()
+        before = _anon_rss_bytes()
+        sampler = _PeakSampler()
+        sampler.start()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         if mode == "dense" and kind == "double":
             out = block(**args)
         elif mode == "dense":
@@ -79,10 +100,13 @@ def child(kind, mode, grid, chunk, threads, comfyui):
             out = token_chunking.double_block(block, args, chunk)
         else:
             out = token_chunking.single_block(block, args, chunk)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        seconds, cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu_start
+        sampler.running = False
+        sampler.join()
         del out
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"kind": kind, "mode": mode, "grid": grid, "chunk": chunk, "rss_before": before, "rss_peak": peak,
+    peak = sampler.peak
+    return {"kind": kind, "mode": mode, "grid": grid, "chunk": chunk, "anon_rss_before": before, "anon_rss_peak": peak,
+            "max_rss_getrusage": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "activation_peak": peak - before, "seconds": seconds, "cpu_seconds": cpu_seconds, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 

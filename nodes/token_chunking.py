@@ -57,6 +57,8 @@ def _warn_once(message):
 # h (none in float32). The auto chunk size and bench/ use the same numbers.
 
 def block_activation_bytes(kind, tokens, itemsize=2, chunk=None, batch=1, text=TEXT_TOKENS, h=3072, m=12288):
+    """Peak bytes of one "double"/"single" block over ``tokens`` (text + image)
+    tokens of ``itemsize`` bytes, unchunked (chunk None) or in chunks of ``chunk``."""
     L, N = tokens, tokens - text
     chunk = None if chunk is not None and chunk >= tokens else chunk  # one chunk runs ComfyUI's block
     r = 0 if itemsize >= 4 else 2 * 4 // itemsize * h
@@ -105,12 +107,12 @@ class _Linear:
 
     def __init__(self, layer, weight=None, bias=None):
         self.layer, self.weight, self.bias = layer, weight, bias
-        self.dense = weight is not None
+        self.materialized = weight is not None
 
     def __call__(self, x, cols=None, with_bias=True):
         import torch
 
-        if not self.dense:
+        if not self.materialized:
             return self.layer(x)
         w = self.weight if cols is None else self.weight[:, cols]
         return torch.nn.functional.linear(x, w, self.bias if with_bias else None)
@@ -152,7 +154,7 @@ def _plain(t):
 def _comfy_cast(layer, x, **kwargs):
     import comfy.ops
 
-    if hasattr(comfy.ops, "CastBiasWeightContext"):  # ComfyUI >= 0.4: offload streams, dynamic VRAM
+    if hasattr(comfy.ops, "CastBiasWeightContext"):  # newer ComfyUI (0.33): offload streams, dynamic VRAM
         return comfy.ops.CastBiasWeightContext(layer, x, offloadable=True, **kwargs)
     return contextlib.nullcontext(comfy.ops.cast_bias_weight(layer, x))  # 0.3.x
 
@@ -248,19 +250,19 @@ def single_block(block, args, chunk):
     with _cast_once(block.linear1, x) as linear1, _cast_once(block.linear2, x) as linear2:
         # the MLP half of linear2 (its input is [attention | GELU(mlp)]) is summed in pass 1;
         # a layer that must run whole keeps GELU(mlp) instead
-        mlp_out = torch.empty(b, length, hidden if linear2.dense else block.mlp_hidden_dim, dtype=x.dtype, device=x.device)
+        mlp_out = torch.empty(b, length, hidden if linear2.materialized else block.mlp_hidden_dim, dtype=x.dtype, device=x.device)
         for s, e in _spans(length, chunk):
             qkv, mlp = torch.split(linear1(apply_mod(block.pre_norm(x[:, s:e]), 1 + mod.scale, mod.shift)),
                                    [3 * hidden, block.mlp_hidden_dim], dim=-1)
             _store((q, k, v), s, e, *_qkv(block.norm, qkv, heads), pe)
             del qkv
             mlp = block.mlp_act(mlp)
-            mlp_out[:, s:e] = linear2(mlp, cols=slice(hidden, None), with_bias=False) if linear2.dense else mlp
+            mlp_out[:, s:e] = linear2(mlp, cols=slice(hidden, None), with_bias=False) if linear2.materialized else mlp
             del mlp
         attn = _attention(q, k, v, args)
         del q, k, v
         for s, e in _spans(length, chunk):
-            if linear2.dense:
+            if linear2.materialized:
                 output = linear2(attn[:, s:e], cols=slice(0, hidden)) + mlp_out[:, s:e]
             else:
                 output = linear2(torch.cat((attn[:, s:e], mlp_out[:, s:e]), 2))

@@ -318,13 +318,14 @@ def test_controlnet_residuals_on_chunked_model(tiny, chunking, ran):
     assert _rel(want, _sample(model, latent, plain)) > 1e-3
 
 
+@pytest.mark.slow  # dynamo traces the whole model: ~1-4 min on 2 busy cores
 def test_torch_compile(tiny, chunking, ran):
     """The chunked blocks trace under torch.compile (dynamo; eager backend, no compiler needed)."""
     model = tiny.make_tiny_flux()
     latent = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(15))
     positive = _conditioning(4, seed=16)
     want = _sample(model, latent, positive)
-    patched = chunking.patch_model(model, 16)
+    patched = chunking.patch_model(model, 24)  # 2 chunks per block
     patched.add_object_patch("diffusion_model", torch.compile(patched.get_model_object("diffusion_model"),
                                                               backend="eager"))
     torch._dynamo.reset()
@@ -346,6 +347,23 @@ def test_blocks_it_cannot_reproduce_run_comfyui_block(tiny, chunking, ran, case)
     args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "transformer_options": options}
     out = chunking._chunk_block(args, {"original_block": lambda a: "comfyui"}, kind="double", index=0, chunk_tokens=4)
     assert out == "comfyui" and ran["double"] == 0
+
+
+def test_cancel_stops_between_chunks(tiny, chunking):
+    """ComfyUI's cancel flag is checked before each chunk (an 8K block takes seconds)."""
+    import comfy.model_management
+
+    model = tiny.make_tiny_flux()
+    dm = model.model.diffusion_model
+    img, txt, vec, pe = _block_inputs(dm, 1, 3, (4, 4), torch.float32)
+    args = {"img": torch.cat((txt, img), 1), "vec": vec, "pe": pe, "transformer_options": {}}
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            chunking.single_block(dm.single_blocks[0], args, 4)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    chunking.single_block(dm.single_blocks[0], args, 4)
 
 
 def test_bad_inputs_raise(tiny, chunking):
