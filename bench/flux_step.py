@@ -43,13 +43,15 @@ def build_model(dims, device, dtype):
     import comfy.model_patcher
     import comfy.supported_models
 
+    from comfyui_clear.nodes.compat import flux_params_extra
+
     head_dim = dims["hidden"] // dims["heads"]
     side = 3 * head_dim // 8  # FLUX splits RoPE 16/56/56 of 128; scaled the same way for --tiny
     axes = [16, 56, 56] if head_dim == 128 else [head_dim - 2 * side, side, side]
     config = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
               "context_in_dim": 4096, "hidden_size": dims["hidden"], "mlp_ratio": 4.0, "num_heads": dims["heads"],
               "depth": dims["depth"], "depth_single_blocks": dims["depth_single"], "axes_dim": axes,
-              "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+              "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True, **flux_params_extra()}
     model_config = comfy.supported_models.Flux(config)
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=device)

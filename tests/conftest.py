@@ -1,5 +1,7 @@
 """Shared test setup. ComfyUI-dependent tests use the ``comfyui`` fixture, which
-skips with a visible reason unless COMFYUI_PATH points at a ComfyUI checkout."""
+skips with a visible reason unless COMFYUI_PATH points at a ComfyUI checkout.
+Every test using it is marked ``comfyui`` (``pytest -m comfyui`` runs just
+those). With CLEAR_REQUIRE_COMFYUI=1 (CI) a skipped ComfyUI test fails instead."""
 
 import os
 import sys
@@ -7,6 +9,24 @@ import sys
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRE_COMFYUI = os.environ.get("CLEAR_REQUIRE_COMFYUI") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "comfyui" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.comfyui)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """CI runs every ComfyUI test: there, a skip (whatever its reason) is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_COMFYUI and report.skipped and item.get_closest_marker("comfyui") and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CLEAR_REQUIRE_COMFYUI=1 but this ComfyUI test was skipped: {reason}"
 
 
 def _comfyui_path():

@@ -8,9 +8,11 @@ TINY = dict(hidden=256, heads=2, depth=2, depth_single=2)
 
 
 def tiny_unet_config(hidden=256, heads=2, depth=2, depth_single=2, guidance_embed=True, in_channels=16):
+    from comfyui_clear.nodes.compat import flux_params_extra
+
     head_dim = hidden // heads
     axes = [head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8]  # 128 -> [32, 48, 48]
-    return {
+    return {**flux_params_extra(),
         "image_model": "flux", "in_channels": in_channels, "out_channels": 16, "vec_in_dim": 32,
         "context_in_dim": 64, "hidden_size": hidden, "mlp_ratio": 4.0, "num_heads": heads,
         "depth": depth, "depth_single_blocks": depth_single, "axes_dim": axes, "theta": 10000,
@@ -107,3 +109,29 @@ def write_flux_checkpoint(path, depth=1, depth_single=1, dtype=torch.float8_e4m3
             t = torch.zeros(shape)
         sd[key] = t.to(dtype if len(shape) > 1 else torch.bfloat16)
     save_file(sd, str(path))
+
+
+def load_scaled_fp8_flux(scale=2 ** -6, depth=1, depth_single=1, seed=0):
+    """A "fp8 scaled" FLUX.1 diffusion model (the checkpoint format: float8_e4m3fn
+    weights = value / scale, a ``scale_weight`` per layer and a ``scaled_fp8``
+    marker) at the real width with few blocks, loaded the way UNETLoader does
+    it, through comfy.sd.load_diffusion_model_state_dict: 0.3.64 builds scaled-fp8
+    layers, 0.33 comfy_quant mixed-precision layers (QuantizedTensor weights).
+    Loaded under torch.inference_mode, as ComfyUI executes nodes. Attention and
+    linear1 weights are random (std 1/sqrt(fan_in)); the rest is zero."""
+    import comfy.sd
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, shape in flux_full_width_shapes(depth, depth_single).items():
+        if len(shape) == 2 and key.endswith(".weight"):
+            if any(part in key for part in ("img_attn.", "linear1.")):
+                sd[key] = (torch.randn(shape, generator=gen) / (shape[1] ** 0.5 * scale)).to(torch.float8_e4m3fn)
+            else:
+                sd[key] = torch.zeros(shape, dtype=torch.float8_e4m3fn)
+            sd[key[: -len("weight")] + "scale_weight"] = torch.tensor(scale, dtype=torch.float32)
+        else:
+            sd[key] = (torch.ones(shape) if key.endswith(".scale") else 0.1 * torch.randn(shape, generator=gen)
+                       ).to(torch.bfloat16)
+    with torch.inference_mode():
+        return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"load_device": torch.device("cpu")})

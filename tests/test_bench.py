@@ -65,10 +65,8 @@ def test_attention_bench_cpu_smoke(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
-def test_flux_step_bench_cpu_smoke(tmp_path):
-    comfyui = os.environ.get("COMFYUI_PATH")
-    if not comfyui:
-        pytest.skip("COMFYUI_PATH is not set (bench/flux_step.py runs ComfyUI's Flux code)")
+def test_flux_step_bench_cpu_smoke(comfyui, tmp_path):
+    """bench/flux_step.py runs ComfyUI's Flux code (in a subprocess)."""
     for blocks in ("full", "one"):
         out = tmp_path / f"step-{blocks}.json"
         stdout = _run(["bench/flux_step.py", "--tiny", "--blocks", blocks, "--comfyui", comfyui, "--out", str(out)])

@@ -80,7 +80,9 @@ def effective_weights(patcher, keys, lowvram=False, low_vram_keys=None):
                     assert functions and isinstance(functions[0], comfy.model_patcher.LowVramPatch)
                 if functions and low_vram_keys is not None:
                     low_vram_keys.add(key)
-                w, b = comfy.ops.cast_bias_weight(m, dtype=m.weight.dtype, device=CPU, bias_dtype=m.bias.dtype)[:2]
+                compute = compute_dtype(patcher, m.weight)  # what the forward casts to, as comfy.ops does
+                w, b = comfy.ops.cast_bias_weight(m, dtype=compute, device=CPU,
+                                                  bias_dtype=compute_dtype(patcher, m.bias))[:2]
                 out[key] = (w if param == "weight" else b).clone()
         else:
             patcher.patch_model(device_to=CPU)
@@ -88,6 +90,14 @@ def effective_weights(patcher, keys, lowvram=False, low_vram_keys=None):
             out = {k: sd[k].clone() for k in keys}
         patcher.unpatch_model(device_to=CPU)
     return out
+
+
+def compute_dtype(patcher, weight):
+    """The dtype a layer computes in: its own, or for fp8 storage the model's
+    manual-cast dtype (bf16 when the model has none, as on a GPU)."""
+    if weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return weight.dtype
+    return patcher.model.manual_cast_dtype or torch.bfloat16
 
 
 def fp8_spacing(x):
@@ -135,14 +145,19 @@ def test_patched_weights_equal_published_full_and_lowvram(W, dtype, tmp_path):
     full = effective_weights(clone, keys)
     low = effective_weights(clone, keys, lowvram=True)
     for key in keys:
-        assert full[key].dtype == dtype and low[key].dtype == dtype, key
-        assert torch.equal(full[key].view(torch.uint8), low[key].view(torch.uint8)), f"full vs lowvram differ: {key}"
+        assert full[key].dtype == dtype, key
+        if dtype != torch.float8_e4m3fn:
+            assert torch.equal(full[key], low[key]), f"full vs lowvram differ: {key}"
         if key in UNTOUCHED:
             assert torch.equal(full[key].view(torch.uint8), base_sd[key].view(torch.uint8)), key
+            assert torch.equal(low[key], base_sd[key].to(low[key].dtype)), key
             continue
         e, a = expected[key], full[key].float()
         if dtype == torch.float8_e4m3fn:  # ComfyUI rounds stochastically: one of the two neighbours
             assert ((a - e).abs() <= fp8_spacing(e)).all(), key
+            # low-VRAM patches the weight after the cast to the compute dtype (bf16): the published
+            # values exactly, the rest of linear1 the fp8 base values
+            assert low[key].dtype == torch.bfloat16 and torch.equal(low[key].float(), e), key
             if key.endswith("linear1.weight"):
                 # ComfyUI re-rounds the whole fused weight stochastically (as for any LoRA on it), which
                 # moves ~1% of even exactly representable fp8 values by one step: MLP rows stay within that
@@ -461,43 +476,64 @@ def test_resolve_finds_local_downloads_published_and_rejects_unknown(W, clear_fo
     assert (folder / "clear_local_16.safetensors").read_bytes() == payload
 
 
-def make_tiny_flux_scaled_fp8(scale=2 ** -6, seed=0):
-    """Tiny FLUX with ComfyUI's scaled-fp8 ops (as in "fp8 scaled" FLUX checkpoints):
-    weights stored as value / scale_weight in float8_e4m3fn, computed in bf16."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    from flux_tiny import tiny_unet_config
+@pytest.fixture(scope="module")
+def scaled_fp8(comfyui):
+    from flux_tiny import load_scaled_fp8_flux
 
-    config = comfy.supported_models.Flux(tiny_unet_config())
-    config.scaled_fp8 = torch.float8_e4m3fn
-    config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
-    model = config.get_model({})
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "scale_weight"):
-                module.scale_weight.fill_(scale)
-                value = torch.randn(module.weight.shape, generator=gen) / module.weight.shape[1] ** 0.5
-                module.weight.copy_((value / scale).to(module.weight.dtype))
-    return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
+    return load_scaled_fp8_flux(scale=2 ** -6)
 
 
-def test_scaled_fp8_model_gets_published_values(W, tmp_path):
-    scale = 2 ** -6  # exact in float32
-    base = make_tiny_flux_scaled_fp8(scale)
-    qkv = base.model.diffusion_model.double_blocks[0].img_attn.qkv
-    assert qkv.weight.dtype == torch.float8_e4m3fn and float(qkv.scale_weight) == scale
-    base_sd = {k: v.clone() for k, v in base.model.state_dict().items()}
-    pub = write_clear_file(tmp_path / "c.safetensors", seed=23)
-    clone = apply_file(W, base, tmp_path / "c.safetensors")
-    expected = expected_published(pub, base_sd)
-    keys = [k for k in expected if k.endswith(".weight")]  # scale_weight applies to weights only
-    full = effective_weights(clone, keys)
-    low = effective_weights(clone, keys, lowvram=True)
-    for key in keys:
-        assert full[key].dtype == torch.float8_e4m3fn
-        assert torch.equal(full[key].view(torch.uint8), low[key].view(torch.uint8)), key
-        got = full[key].float() * scale  # what the layer computes with
-        want = expected[key][: 3 * H] if key.endswith("linear1.weight") else expected[key]
-        got = got[: want.shape[0]]
-        assert ((got - want).abs() <= fp8_spacing(want / scale) * scale * 1.0001).all(), key
+def forward_weights(patcher, modules, lowvram=False, columns=40):
+    """{module: (weight[:, :columns], bias)} that each Linear really computes
+    with after ComfyUI loads ``patcher`` (fully or low-VRAM): its outputs for
+    unit vectors minus its output for zero, computed in float32 (exact sums).
+    Works for every layer type ComfyUI has (scaled fp8, comfy_quant QuantizedTensor)."""
+    import comfy.utils
+
+    out = {}
+    with torch.inference_mode():
+        patcher.patch_model(device_to=CPU, lowvram_model_memory=1 if lowvram else 0)
+        assert bool(patcher.model.model_lowvram) == lowvram
+        for name in modules:
+            linear = comfy.utils.get_attr(patcher.model, name)
+            x = torch.cat([torch.zeros(1, linear.in_features), torch.eye(linear.in_features)[:columns]])
+            y = linear(x).float()
+            out[name] = ((y[1:] - y[:1]).T.clone(), y[0].clone())
+        patcher.unpatch_model(device_to=CPU)
+    return out
+
+
+def test_scaled_fp8_checkpoint_computes_with_published_values(W, scaled_fp8, tmp_path):
+    """A "fp8 scaled" FLUX checkpoint loaded through ComfyUI's loader (0.33:
+    comfy_quant layers whose full load re-quantises the whole patched tensor with
+    a new scale): the layers compute with the published values up to one fp8
+    rounding, full and low-VRAM load, and the MLP rows of linear1 keep theirs."""
+    n = 40
+    modules = ["diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.double_blocks.0.img_attn.proj",
+               "diffusion_model.single_blocks.0.linear1"]
+    base = forward_weights(scaled_fp8, modules, columns=n)
+    pub = write_clear_file(tmp_path / "c.safetensors", seed=23, hidden=3072, depth=1, depth_single=1)
+    clone = apply_file(W, scaled_fp8, tmp_path / "c.safetensors")
+    a = "transformer_blocks.0.attn."
+    s = "single_transformer_blocks.0.attn."
+    want = {  # published (weight columns, bias) per module, attention rows only
+        modules[0]: [torch.cat([pub[a + f"to_{p}.{x}"] for p in "qkv"]).float() for x in ("weight", "bias")],
+        modules[1]: [pub[a + f"to_out.0.{x}"].float() for x in ("weight", "bias")],
+        modules[2]: [torch.cat([pub[s + f"to_{p}.{x}"] for p in "qkv"]).float() for x in ("weight", "bias")],
+    }
+
+    def within_fp8(got, expected, tiny=2 ** -15):  # one fp8 e4m3 rounding (3 mantissa bits); tiny: subnormals
+        return ((got - expected).abs() <= expected.abs() / 8 + tiny).all()
+
+    for lowvram in (False, True):
+        got = forward_weights(clone, modules, lowvram=lowvram, columns=n)
+        for name in modules:
+            (w, b), (w_want, b_want) = got[name], want[name]
+            rows = w_want.shape[0]
+            assert within_fp8(w[:rows], w_want[:, :n]), (name, lowvram)
+            # biases: 0.3.64 stores them as unscaled fp8 on this CPU (spacing 2^-9 below 2^-6)
+            assert within_fp8(b[:rows], b_want, tiny=2 ** -9), (name, lowvram)
+            assert not within_fp8(base[name][0][:rows], w_want[:, :n])  # the check can fail
+            if rows < w.shape[0]:  # linear1's MLP rows: the model's own values (re-rounded at most)
+                assert within_fp8(w[rows:], base[name][0][rows:]), lowvram
+                assert within_fp8(b[rows:], base[name][1][rows:], tiny=2 ** -9), lowvram

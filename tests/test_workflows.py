@@ -266,8 +266,9 @@ def _shrink(prompt, base_size, target):
 
 
 def _execute(nodes, prompt):
-    import execution
     import folder_paths
+
+    from comfyui_clear.nodes.compat import prompt_executor
 
     class Server:
         client_id = None
@@ -277,7 +278,7 @@ def _execute(nodes, prompt):
         def send_sync(self, *args, **kwargs):
             pass
 
-    executor = execution.PromptExecutor(Server())
+    executor = prompt_executor(Server())
     outputs = [k for k, v in prompt.items() if getattr(nodes.NODE_CLASS_MAPPINGS[v["class_type"]], "OUTPUT_NODE", False)]
     executor.execute(prompt, "test-prompt", {}, outputs)
     assert executor.success, executor.status_messages[-1:]
