@@ -3,8 +3,6 @@ chunked blocks against ComfyUI's blocks, and sampling through ComfyUI's real
 path chunked vs unchunked, with and without CLEAR in both node orders, with
 low-VRAM LoRA patches, fp8 weights and a ControlNet."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -14,13 +12,8 @@ T_CTX, VEC = 64, 32  # tiny FLUX context_in_dim / vec_in_dim (tests/flux_tiny.py
 
 
 @pytest.fixture
-def tiny(comfyui, monkeypatch):
-    import comfy.ldm.flux.model
+def tiny(comfyui):
     import flux_tiny
-
-    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
-        base = flux_tiny.tiny_unet_config  # ComfyUI 0.33 needs it (FLUX.1: none)
-        monkeypatch.setattr(flux_tiny, "tiny_unet_config", lambda **c: {"txt_ids_dims": [], **base(**c)})
     return flux_tiny
 
 
@@ -285,6 +278,25 @@ def test_gguf_weights_dequantize_once_per_block_call(tiny, chunking, monkeypatch
     assert counts == unchunked
     assert _rel(got, want) < 1e-6
     assert _rel(want, _sample(tiny.make_tiny_flux(), latent, positive)) > 1e-4  # really the quantized weights
+
+
+@pytest.mark.slow  # a full-width model on the CPU: ~2-3 min on 2 busy cores
+def test_scaled_fp8_checkpoint(comfyui, chunking, ran):
+    """A real "fp8 scaled" checkpoint through ComfyUI's loader, full width (one
+    double, one single block): 0.3.64's scaled-fp8 layers and 0.33's comfy_quant
+    layers run their own forward per chunk; same result within bf16 rounding."""
+    from flux_tiny import load_scaled_fp8_flux
+
+    model = load_scaled_fp8_flux()
+    gen = torch.Generator().manual_seed(19)
+    latent = torch.randn(1, 16, 10, 12, generator=gen)
+    cond = [[torch.randn(1, 4, 4096, generator=gen), {"pooled_output": torch.randn(1, 768, generator=gen),
+                                                       "guidance": 3.5}]]
+    with torch.inference_mode():  # as ComfyUI runs nodes (quantized tensors need it)
+        want = _sample(model, latent, cond)
+        got = _sample(chunking.patch_model(model, 8), latent, cond)
+    assert ran == {"double": 1, "single": 1}
+    assert _rel(got, want) < 1e-2, _rel(got, want)
 
 
 def test_controlnet_residuals_on_chunked_model(tiny, chunking, ran):
