@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HIDDEN, HEADS, MLP, TEXT = 3072, 24, 12288, 512
 
 
@@ -53,7 +52,6 @@ class _PeakSampler(threading.Thread):
 
 def child(kind, mode, grid, chunk, threads, comfyui):
     sys.path.insert(0, comfyui)
-    sys.path.insert(0, os.path.join(REPO, ".pypath"))
     import comfy.options
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
@@ -129,7 +127,6 @@ def main():
         print(json.dumps(child(*a.child, a.grid, a.chunk, a.threads, comfyui)))
         return
 
-    sys.path.insert(0, os.path.join(REPO, ".pypath"))
     from comfyui_clear.nodes.token_chunking import block_activation_bytes
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -11,12 +11,8 @@ the weights, and a fixed CUDA context/workspace allowance.
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pypath"))
-
-from comfyui_clear.nodes.token_chunking import TEXT_TOKENS, block_activation_bytes  # noqa: E402
+from comfyui_clear.nodes.token_chunking import TEXT_TOKENS, block_activation_bytes
 
 HIDDEN, HEAD_DIM = 3072, 128
 PARAMS = 11.9e9                       # FLUX.1 transformer

@@ -152,6 +152,20 @@ def test_auto_chunk_size_follows_free_memory(chunking):
     assert 19 * gib < chunking.block_activation_bytes("single", eight_k, 2) < 23 * gib
 
 
+def test_8k_step_model_meets_the_24gb_goal():
+    """bench/memory_model.py: an 8K step with fp8 weights streamed is modelled
+    <= 20 GB chunked (the issue's goal), and does not fit 24 GB unchunked."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "memory_model.py")
+    spec = importlib.util.spec_from_file_location("memory_model_under_test", path)
+    memory_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory_model)
+    assert memory_model.step_peak_bytes(8192, chunk=8192)["total"] <= 20e9
+    assert memory_model.step_peak_bytes(8192)["total"] > 24e9
+
+
 def test_auto_does_not_chunk_small_sequences(tiny, chunking, ran):
     model = tiny.make_tiny_flux()
     (patched,) = chunking.CLEARTokenChunking().patch(model, 0)
