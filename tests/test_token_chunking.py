@@ -234,21 +234,25 @@ def test_low_vram_lora_patches_apply_once_per_block_call(tiny, chunking, monkeyp
 
 
 def _comfyui_gguf():
-    """ComfyUI-GGUF's ops module (COMFYUI_GGUF_PATH: a checkout of city96/ComfyUI-GGUF)."""
+    """ComfyUI-GGUF's ops, imported as tests/test_gguf.py imports the package
+    (COMFYUI_GGUF_PATH: a checkout of city96/ComfyUI-GGUF)."""
     import importlib
+    import importlib.util
     import os
     import sys
-    import types
 
-    path = os.environ.get("COMFYUI_GGUF_PATH", "/work/comfy/ComfyUI-GGUF")
-    if not os.path.isfile(os.path.join(path, "ops.py")):
+    path = os.environ.get("COMFYUI_GGUF_PATH")
+    if not path or not os.path.isfile(os.path.join(path, "loader.py")):
         pytest.skip("COMFYUI_GGUF_PATH does not point at a ComfyUI-GGUF checkout")
     pytest.importorskip("gguf")
-    if "comfyui_gguf_under_test" not in sys.modules:
-        package = types.ModuleType("comfyui_gguf_under_test")  # its ops and dequant only, not its nodes
-        package.__path__ = [path]
-        sys.modules["comfyui_gguf_under_test"] = package
-    return importlib.import_module("comfyui_gguf_under_test.ops")
+    name = "comfyui_gguf_under_test"  # the same module as test_gguf.py's, whichever runs first
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
+                                                      submodule_search_locations=[path])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{name}.ops")
 
 
 def test_gguf_weights_dequantize_once_per_block_call(tiny, chunking, monkeypatch):
