@@ -13,16 +13,20 @@ user's model is never modified:
   ``transformer_options``;
 - ``optimized_attention_override`` runs ``clear_attention`` for attention
   calls inside marked blocks and hands every other call (ControlNet, other
-  models, other extensions) to the attention ComfyUI would have used;
-- RoPE NTK scaling is an object patch of ``diffusion_model.pe_embedder``.
+  models, other extensions) to the attention ComfyUI would have used; the
+  wrapper above puts it back on top in every call, so a later node's
+  override cannot silently replace it;
+- RoPE NTK scaling is an object patch of ``diffusion_model.pe_embedder``, built
+  from the model's own theta (never from an earlier CLEAR node's).
 """
 
 import functools
 import logging
 import math
+import numbers
 
-from .weights import (TRAINING_FREE, apply_clear_weights, load_clear_weights, resolve_weight_file,
-                      training_setting, weight_choices)
+from .weights import (TRAINING_FREE, apply_clear_weights, load_clear_weights, remove_clear_weights,
+                      resolve_weight_file, training_setting, weight_choices)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,8 @@ def _layout_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_l
             "outside the image grid. Use the model without the CLEAR Attention Patch for Kontext edits.")
     p = executor.class_obj.patch_size
     grid = ((x.shape[-2] + p // 2) // p, (x.shape[-1] + p // 2) // p)  # as Flux.process_img pads
-    transformer_options = {**transformer_options, "clear_tokens": (context.shape[1], grid)}
+    transformer_options = {**transformer_options, "clear_tokens": (context.shape[1], grid),
+                           "optimized_attention_override": _override_on_top(transformer_options)}
     return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
 
 
@@ -77,6 +82,30 @@ def _clear_block(args, extra, *, layer, previous=None):
     if previous is not None:
         return previous(args, extra)
     return extra["original_block"](args)
+
+
+def _fit_to_grid(window, down_factor, spatial_weight, grid):
+    """(window, down_factor, spatial_weight) clamped to the token grid, computing
+    the same attention: a radius past the grid's diagonal already sees the whole
+    grid, and a pooling block larger than the grid is one edge-padded block whose
+    padding offsets (copies of the last real row/column) fold into the last
+    offset's weight. Keeps huge inputs from overflowing or taking minutes."""
+    h, w = grid
+    window = min(window, math.isqrt((h - 1) ** 2 + (w - 1) ** 2) + 1)
+    n = max(h, w, 2)  # >= 2: a pooled key stays a pooled key on a 1x1 grid
+    if down_factor <= n:
+        return window, down_factor, spatial_weight
+    import torch
+
+    if spatial_weight is None:  # mean pooling, without building a d x d matrix for a huge d
+        share = torch.tensor([1 / down_factor] * (n - 1) + [(down_factor - n + 1) / down_factor],
+                             dtype=torch.float64)  # Python int division: exact enough for any d
+        folded = torch.outer(share, share)
+    else:
+        sw = spatial_weight.reshape(down_factor, down_factor).double()
+        sw = torch.cat([sw[:n - 1], sw[n - 1:].sum(0, keepdim=True)])
+        folded = torch.cat([sw[:, :n - 1], sw[:, n - 1:].sum(1, keepdim=True)], 1)
+    return window, n, folded.float()
 
 
 def _clear_attention_override(func, *args, previous=None, **kwargs):
@@ -105,12 +134,36 @@ def _clear_attention_override(func, *args, previous=None, **kwargs):
             f"{q.shape[2]}: another node adds tokens (e.g. reference images, IP-Adapter-style tokens), "
             "which CLEAR's local mask cannot place. Remove that node or the CLEAR Attention Patch.")
     scale = attention_scale(q.shape[-1], text_len, grid, layer["down_factor"], layer["proportional"])
-    out = clear_attention(q, k, v, text_len=text_len, grid=grid, window=layer["window"],
-                          down_factor=layer["down_factor"], spatial_weight=layer["spatial_weight"], scale=scale)
+    window, down, spatial_weight = _fit_to_grid(layer["window"], layer["down_factor"], layer["spatial_weight"], grid)
+    out = clear_attention(q, k, v, text_len=text_len, grid=grid, window=window,
+                          down_factor=down, spatial_weight=spatial_weight, scale=scale)
     if kwargs.get("skip_output_reshape", False):
         return out
     b, h, length, d = out.shape
     return out.transpose(1, 2).reshape(b, length, h * d)
+
+
+def _is_clear_override(obj):
+    return isinstance(obj, functools.partial) and obj.func is _clear_attention_override
+
+
+def _override_on_top(transformer_options):
+    """CLEAR's attention override, on top of whatever override this call carries.
+
+    A node placed after CLEAR that sets ``optimized_attention_override`` without
+    chaining (another attention backend, Sage-style patches) would otherwise turn
+    CLEAR off silently while its distilled weights stay: re-installed here on
+    every model call (as ComfyUI's own block-sparse attention node does each
+    step), CLEAR takes its calls and the other override keeps the rest."""
+    current = transformer_options.get("optimized_attention_override")
+    if _is_clear_override(current):
+        return current
+    change = ("removed the attention override" if current is None else
+              f"set the attention override ({getattr(current, '__qualname__', type(current).__name__)}) "
+              "without keeping CLEAR's")
+    _warn_once(f"CLEAR: a node after the CLEAR Attention Patch {change}; CLEAR re-installs its override: "
+               "the FLUX blocks run CLEAR attention and every other attention call goes to the other override.")
+    return functools.partial(_clear_attention_override, previous=current)
 
 
 def _unwrap(obj, func):
@@ -174,9 +227,53 @@ def _check_family(family, weights, proportional_attention):
             f"{name}'s; turn it off for this model.")
 
 
-def _settings(weights, window_size, down_factor, file_down_factor):
+def _checked_inputs(weights, window_size, down_factor, proportional_attention, rope_ntk_factor):
+    """The node's inputs, type- and range-checked (ComfyUI checks widget values,
+    but not values linked from other nodes nor calls from Python). Radius and
+    pooling size have no upper bound: at run time they are clamped to what the
+    token grid can use, which changes nothing in the result."""
+    if not isinstance(weights, str):
+        raise CLEARPatchError(f"weights must be a file name from models/clear or '{TRAINING_FREE}', "
+                              f"got {type(weights).__name__} {weights!r}")
+
+    def integer(name, value):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            raise CLEARPatchError(f"{name} must be a whole number >= 0 (0 = the weights' setting), got {value!r}")
+        return int(value)
+
+    if not isinstance(proportional_attention, bool):
+        raise CLEARPatchError(f"proportional_attention must be True or False, got {proportional_attention!r}")
+    factor = math.nan
+    if isinstance(rope_ntk_factor, numbers.Real) and not isinstance(rope_ntk_factor, bool):
+        try:
+            factor = float(rope_ntk_factor)
+        except OverflowError:  # an int past float's range
+            factor = math.inf
+    if not (math.isfinite(factor) and factor >= 1.0):
+        raise CLEARPatchError(f"rope_ntk_factor must be a finite number >= 1.0 (1.0 = off), got {rope_ntk_factor!r}")
+    return (weights, integer("window_size", window_size), integer("down_factor", down_factor),
+            proportional_attention, factor)
+
+
+def _base_pe_embedder(model):
+    """(embedder, theta) that NTK scaling starts from: never a CLEAR-scaled one, so
+    factors do not compound. The live module may still hold another clone's
+    object patch after sampling; get_model_object returns this patcher's own
+    object patch, else the unpatched original ComfyUI keeps while patched."""
+    embedder = model.get_model_object("diffusion_model.pe_embedder")
+    return embedder, getattr(embedder, "clear_base_theta", embedder.theta)  # an earlier CLEAR node's: its base
+
+
+def _settings(weights, window_size, down_factor, file_down_factor, path=None):
     """(window, down_factor) to run with; 0 means what the file was trained with."""
     trained = TRAINING_FREE_DEFAULT if weights == TRAINING_FREE else training_setting(weights)
+    if trained is not None and min(trained) < 1:
+        raise CLEARPatchError(
+            f"CLEAR weight file '{path or weights}': its name or safetensors metadata says it was trained with "
+            f"window_size={trained[0]}, down_factor={trained[1]}, but both must be >= 1. Fix the name "
+            "(clear_local_<r>[_down_<d>]) or the metadata, or pick another file.")
     if trained is None:
         if window_size == 0:
             raise CLEARPatchError(
@@ -194,22 +291,23 @@ def _settings(weights, window_size, down_factor, file_down_factor):
 def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down_factor=0,
                 proportional_attention=False, rope_ntk_factor=1.0):
     """Return a clone of ``model`` (a ComfyUI ModelPatcher of FLUX) running CLEAR."""
+    weights, window_size, down_factor, proportional_attention, rope_ntk_factor = _checked_inputs(
+        weights, window_size, down_factor, proportional_attention, rope_ntk_factor)
     diffusion_model = _flux_model(model)
     _check_family(flux_family(diffusion_model), weights, proportional_attention)
-    if rope_ntk_factor < 1.0 or not math.isfinite(rope_ntk_factor):
-        raise CLEARPatchError(f"rope_ntk_factor must be >= 1.0 (1.0 = off), got {rope_ntk_factor}")
-    if window_size < 0 or down_factor < 0:
-        raise CLEARPatchError("window_size and down_factor must be >= 0 (0 = the file's setting)")
 
     clear_weights = None
     file_down = 1
     if weights != TRAINING_FREE:
         clear_weights = load_clear_weights(resolve_weight_file(weights), model)  # validates, no side effects
         file_down = clear_weights.down_factor
-    window, down = _settings(weights, window_size, down_factor, file_down)
+    window, down = _settings(weights, window_size, down_factor, file_down,
+                             clear_weights.path if clear_weights is not None else None)
 
     m = model.clone()
-    if clear_weights is not None:
+    if clear_weights is None:
+        remove_clear_weights(m)  # an earlier CLEAR node's file: training-free replaces it too
+    else:
         apply_clear_weights(m, clear_weights)
         if down > 1 and file_down == 1:
             _warn_once(f"CLEAR: '{weights}' has no pooling weights; down_factor={down} uses mean pooling.")
@@ -239,9 +337,13 @@ def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down
 
     if rope_ntk_factor != 1.0:
         from comfy.ldm.flux.layers import EmbedND
-        base = diffusion_model.pe_embedder  # the model's own, never a patched one: factors don't compound
-        embedder = EmbedND(dim=base.dim, theta=base.theta * rope_ntk_factor, axes_dim=list(base.axes_dim))
+        base, base_theta = _base_pe_embedder(model)
+        if not math.isfinite(base_theta * rope_ntk_factor):
+            raise CLEARPatchError(f"rope_ntk_factor={rope_ntk_factor:g} makes the rotary base infinite; "
+                                  "the high-resolution recipe uses 10")
+        embedder = EmbedND(dim=base.dim, theta=base_theta * rope_ntk_factor, axes_dim=list(base.axes_dim))
         embedder.clear_ntk_factor = rope_ntk_factor
+        embedder.clear_base_theta = base_theta
         m.add_object_patch("diffusion_model.pe_embedder", embedder)
     elif hasattr(m.object_patches.get("diffusion_model.pe_embedder"), "clear_ntk_factor"):
         del m.object_patches["diffusion_model.pe_embedder"]  # an earlier CLEAR node's NTK patch

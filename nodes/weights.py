@@ -18,13 +18,16 @@ weights first and every other patch (a LoRA loaded before or after this node,
 a model merge) lands on top of them; a "diff" patch would commute too but needs
 the difference in float32 (~7 GB for FLUX). The same list is used by the full
 load (``patch_weight_to_device``, float32 then one rounding to the weight dtype,
-stochastic for fp8) and by the low-VRAM path (``LowVramPatch``). Tensors stay on
+stochastic for fp8) and by the low-VRAM path (``LowVramPatch``); ComfyUI-GGUF
+applies it to each quantized weight right after dequantizing it, at every
+forward (so the untouched rows keep their quantized values). Tensors stay on
 CPU in the file's dtype. Unknown keys in a file are an error, not skipped:
 a file that is not exactly a CLEAR file for this model must not half-apply.
 """
 
 import os
 import re
+import uuid
 import weakref
 from dataclasses import dataclass, field
 
@@ -73,8 +76,10 @@ def weight_choices():
     import folder_paths
 
     register_model_folder()
+    folders = folder_paths.get_folder_paths(FOLDER)
     on_disk = [f for f in folder_paths.get_filename_list(FOLDER)
-               if f.lower().endswith(EXTENSION) and f not in PUBLISHED]
+               if f.lower().endswith(EXTENSION) and f not in PUBLISHED
+               and any(os.path.isfile(os.path.join(d, f)) for d in folders)]  # not a dangling symlink
     return list(PUBLISHED) + on_disk + [TRAINING_FREE]
 
 
@@ -156,9 +161,18 @@ class _FileTensors(dict):
 _file_cache = weakref.WeakValueDictionary()  # (path, mtime_ns, size) -> _FileTensors
 
 
+def _param_shape(model, key):
+    """Shape of a model tensor as the forward uses it. Read from the parameter:
+    ComfyUI-GGUF's quantized GGMLTensor reports its real shape there, while
+    model_state_dict() holds placeholders with the stored bytes' shape."""
+    import comfy.utils
+
+    return tuple(comfy.utils.get_attr(model, key).shape)
+
+
 def _flux_layout(model_patcher, fail):
     """Block indices and hidden size of the loaded model, or fail("not FLUX")."""
-    sd = model_patcher.model_state_dict()
+    sd = model_patcher.model_state_dict()  # for the key names only: shapes via _param_shape
     double = {int(m.group(1)) for k in sd
               if (m := re.fullmatch(r"diffusion_model\.double_blocks\.(\d+)\.img_attn\.qkv\.weight", k))}
     single = {int(m.group(1)) for k in sd
@@ -166,7 +180,7 @@ def _flux_layout(model_patcher, fail):
     if not double or not single:
         fail("the model is not a FLUX model (no diffusion_model.double_blocks.*.img_attn.qkv / "
              "single_blocks.*.linear1 weights); CLEAR weights only fit FLUX.1 models")
-    hidden = sd[f"diffusion_model.double_blocks.{min(double)}.img_attn.qkv.weight"].shape[1]
+    hidden = _param_shape(model_patcher.model, f"diffusion_model.double_blocks.{min(double)}.img_attn.qkv.weight")[1]
     expected = {}
     for i in double:
         p = f"diffusion_model.double_blocks.{i}.img_attn."
@@ -179,11 +193,17 @@ def _flux_layout(model_patcher, fail):
         if key not in sd:
             fail(f"the model has no '{key}' (a FLUX variant without attention biases?), "
                  "so it does not match CLEAR's FLUX.1 layout")
-        actual = tuple(sd[key].shape)
+        actual = _param_shape(model_patcher.model, key)
         rows_ok = shape[0] is None and actual[0] >= 3 * hidden or actual[0] == shape[0]
         if len(actual) != len(shape) or not rows_ok or actual[1:] != shape[1:]:
             fail(f"the model's '{key}' has shape {actual}, which is not FLUX's layout for hidden size {hidden}")
     return sorted(double), sorted(single), hidden
+
+
+def _all_finite(t):
+    if t.element_size() == 1:  # float8 types have no isfinite kernel; float32 holds every fp8 value
+        return all(bool(torch.isfinite(chunk.float()).all()) for chunk in t.reshape(-1).split(1 << 24))
+    return bool(torch.isfinite(t).all())
 
 
 def _read_file(path, fail):
@@ -200,7 +220,7 @@ def _read_file(path, fail):
     except Exception as exc:  # SafetensorError / OSError on truncated, foreign or missing files
         fail(f"it cannot be read as safetensors ({type(exc).__name__}: {exc}); "
              "the file is missing, truncated or corrupt: delete it and download it again")
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not _all_finite(t)]
     tensors.non_finite = set(bad)  # checked once per read, reported against the model below
     _file_cache[key] = tensors
     return tensors
@@ -325,13 +345,7 @@ def apply_clear_weights(model_patcher, weights):
         raise CLEARWeightsError(f"CLEAR weight file {weights.path}: the model has no {missing[:3]}; "
                                 "load the file against this model (load_clear_weights)")
 
-    previous = model_patcher.get_attachment(ATTACHMENT)
-    if previous is not None:
-        stale = {id(v) for v in previous.patches.values()}
-        for key in {_patch_key(k) for k in previous.patches}:
-            if key in model_patcher.patches:
-                model_patcher.patches[key] = [p for p in model_patcher.patches[key] if id(p[1]) not in stale]
-
+    remove_clear_weights(model_patcher)
     before = {key: len(model_patcher.patches.get(key, [])) for key in map(_patch_key, weights.patches)}
     added = model_patcher.add_patches(weights.patches, 1.0, 1.0)  # appends, and renews patches_uuid
     assert len(added) == len(weights.patches)
@@ -339,3 +353,22 @@ def apply_clear_weights(model_patcher, weights):
         current = model_patcher.patches[key]
         model_patcher.patches[key] = current[n_before:] + current[:n_before]  # ours first, in file order
     model_patcher.set_attachments(ATTACHMENT, weights)
+
+
+def remove_clear_weights(model_patcher):
+    """Take the CLEAR patches (and attachment) an earlier CLEAR node added off an
+    already-cloned ModelPatcher; other patches (LoRAs) stay, in order."""
+    previous = model_patcher.get_attachment(ATTACHMENT)
+    if previous is None:
+        return
+    stale = {id(v) for v in previous.patches.values()}
+    for key in {_patch_key(k) for k in previous.patches}:
+        kept = [p for p in model_patcher.patches.get(key, []) if id(p[1]) not in stale]
+        if kept:
+            model_patcher.patches[key] = kept
+        else:
+            model_patcher.patches.pop(key, None)
+    model_patcher.remove_attachments(ATTACHMENT)
+    # ComfyUI re-patches a loaded model only when this id changes; without it the
+    # removed weights would stay in a model still loaded from the earlier clone.
+    model_patcher.patches_uuid = uuid.uuid4()
