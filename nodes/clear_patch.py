@@ -176,15 +176,55 @@ def _unwrap(obj, func):
 # ---------------------------------------------------------------------------
 # Patching
 
+FAMILIES = {  # models built on ComfyUI's comfy.ldm.flux.model.Flux -> how users know them
+    "flux1": "FLUX.1 (dev, schnell, fine-tunes, Fill/Depth/Canny)",
+    "flux2": "FLUX.2 ([dev] or Klein)",
+    "longcat": "LongCat-Image",
+    "ovis": "Ovis-Image",
+}
+
+
+def flux_family(diffusion_model):
+    """Which FLUX-class model this is, from its FluxParams (ComfyUI 0.33 builds
+    FLUX.2, Klein, LongCat-Image and Ovis from the same class; fields an older
+    ComfyUI lacks mean FLUX.1)."""
+    params = diffusion_model.params
+    if getattr(params, "global_modulation", False):  # FLUX.2 and Klein: shared modulation, no biases
+        return "flux2"
+    if getattr(params, "yak_mlp", False) or getattr(params, "txt_norm", False):
+        return "ovis"
+    if list(getattr(params, "txt_ids_dims", None) or []):  # text tokens with positions: LongCat-Image
+        return "longcat"
+    return "flux1"
+
+
 def _flux_model(model):
     import comfy.ldm.flux.model
 
     diffusion_model = model.get_model_object("diffusion_model")
     if not isinstance(diffusion_model, comfy.ldm.flux.model.Flux):
         raise CLEARPatchError(
-            f"CLEAR Attention Patch needs a FLUX.1 model (dev, schnell, fine-tunes, Fill/Depth/Canny); "
-            f"got {type(diffusion_model).__name__}. Connect the output of a FLUX model loader.")
+            f"CLEAR Attention Patch needs a FLUX-class model ({', '.join(FAMILIES.values())}); "
+            f"got {type(diffusion_model).__name__}, which it does not support (Chroma, SD3 and other DiTs "
+            "place their tokens differently). Connect the output of a FLUX model loader.")
     return diffusion_model
+
+
+def _check_family(family, weights, proportional_attention):
+    """CLEAR beyond FLUX.1: training-free only (the token layout is FLUX.1's, the
+    distilled weights and the proportional-attention length are not)."""
+    if family == "flux1":
+        return
+    name = FAMILIES[family]
+    if weights != TRAINING_FREE:
+        raise CLEARPatchError(
+            f"CLEAR weight files fit FLUX.1 models only ({FAMILIES['flux1']}; the published ones: 19 double + "
+            f"38 single blocks, width 3072); this is a {name} model, with other layers. Set weights to "
+            f"'{TRAINING_FREE}' to run CLEAR attention on its own weights.")
+    if proportional_attention:
+        raise CLEARPatchError(
+            f"proportional_attention scales by FLUX.1's training length ({TRAIN_TOKENS} tokens), not "
+            f"{name}'s; turn it off for this model.")
 
 
 def _checked_inputs(weights, window_size, down_factor, proportional_attention, rope_ntk_factor):
@@ -254,6 +294,7 @@ def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down
     weights, window_size, down_factor, proportional_attention, rope_ntk_factor = _checked_inputs(
         weights, window_size, down_factor, proportional_attention, rope_ntk_factor)
     diffusion_model = _flux_model(model)
+    _check_family(flux_family(diffusion_model), weights, proportional_attention)
 
     clear_weights = None
     file_down = 1

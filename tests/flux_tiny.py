@@ -46,6 +46,51 @@ def make_tiny_flux(dtype=torch.float32, seed=0, **config):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+FAMILY_CONFIGS = {  # tiny versions of the FLUX-class models of ComfyUI 0.33, as its model detection sets them up
+    "flux2": ("Flux2", dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, mlp_ratio=3.0,
+                            axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False, ops_bias=False,
+                            global_modulation=True, mlp_silu_act=True, default_ref_method="index",
+                            ref_index_scale=10.0, txt_ids_dims=[3], guidance_embed=False)),  # Klein-like
+    "longcat": ("LongCatImage", dict(vec_in_dim=None, guidance_embed=False, txt_ids_dims=[1, 2])),
+    "ovis": ("Flux", dict(yak_mlp=True, txt_norm=True, txt_ids_dims=[1, 2], guidance_embed=False)),
+}
+
+
+def available_families():
+    """The FLUX-class models the installed ComfyUI can build (0.3.64: FLUX.1 only)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+    import comfy.supported_models
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return ["flux1"] + [name for name, (cls, cfg) in FAMILY_CONFIGS.items()
+                        if hasattr(comfy.supported_models, cls) and set(cfg) - {"image_model"} <= fields]
+
+
+def make_tiny_family(family, seed=0):
+    """(ModelPatcher, latent channels) of a tiny model of ``family`` through ComfyUI's own classes."""
+    if family == "flux1":
+        return make_tiny_flux(seed=seed), 16
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cls, overrides = FAMILY_CONFIGS[family]
+    unet_config = {**tiny_unet_config(), **overrides}
+    model_config = getattr(comfy.supported_models, cls)(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(noise / p.shape[1] ** 0.5 if p.dim() > 1 else
+                    1.0 + 0.1 * noise if name.endswith((".scale", ".weight")) else 0.1 * noise)
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), unet_config["in_channels"]
+
+
 def clear_state_dict(hidden=256, depth=2, depth_single=2, down_factor=1, seed=1, dtype=torch.bfloat16):
     """Random CLEAR weights with the published (diffusers) key names."""
     gen = torch.Generator().manual_seed(seed)
@@ -118,18 +163,22 @@ def load_scaled_fp8_flux(scale=2 ** -6, depth=1, depth_single=1, seed=0):
     it, through comfy.sd.load_diffusion_model_state_dict: 0.3.64 builds scaled-fp8
     layers, 0.33 comfy_quant mixed-precision layers (QuantizedTensor weights).
     Loaded under torch.inference_mode, as ComfyUI executes nodes. Attention and
-    linear1 weights are random (std 1/sqrt(fan_in)); the rest is zero."""
+    linear1 weights are random (std 1/sqrt(fan_in)); the rest is zero.
+    ``scale=None``: each layer's scale maps its largest |w| to fp8's largest."""
     import comfy.sd
 
     gen = torch.Generator().manual_seed(seed)
     sd = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
     for key, shape in flux_full_width_shapes(depth, depth_single).items():
         if len(shape) == 2 and key.endswith(".weight"):
+            layer_scale = scale
             if any(part in key for part in ("img_attn.", "linear1.")):
-                sd[key] = (torch.randn(shape, generator=gen) / (shape[1] ** 0.5 * scale)).to(torch.float8_e4m3fn)
+                value = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+                layer_scale = scale or float(value.abs().max()) / 448  # None: max |w| -> fp8's largest, as quantizers do
+                sd[key] = (value / layer_scale).to(torch.float8_e4m3fn)
             else:
                 sd[key] = torch.zeros(shape, dtype=torch.float8_e4m3fn)
-            sd[key[: -len("weight")] + "scale_weight"] = torch.tensor(scale, dtype=torch.float32)
+            sd[key[: -len("weight")] + "scale_weight"] = torch.tensor(layer_scale or 1.0, dtype=torch.float32)
         else:
             sd[key] = (torch.ones(shape) if key.endswith(".scale") else 0.1 * torch.randn(shape, generator=gen)
                        ).to(torch.bfloat16)

@@ -216,7 +216,7 @@ def test_non_flux_model_is_refused(env, comfyui):
     cfg.set_inference_dtype(torch.float32, None)
     cpu = torch.device("cpu")
     model = comfy.model_patcher.ModelPatcher(cfg.get_model({}), cpu, cpu)
-    with pytest.raises(clear_patch.CLEARPatchError, match="needs a FLUX.1 model"):
+    with pytest.raises(clear_patch.CLEARPatchError, match="needs a FLUX-class model .*got OpenAISignatureMMDITWrapper"):
         clear_patch.CLEARAttentionPatch().patch(model, "none (training-free)", 0, 0, False, 1.0)
 
 
@@ -292,3 +292,39 @@ def test_controlnet_runs_on_the_patched_model_with_its_own_attention_dense(env, 
     assert len(calls) == 2 * per_step  # the ControlNet's own blocks did not run CLEAR
     assert torch.isfinite(out_control).all()
     assert ((out_control - out_plain).norm() / out_plain.norm()).item() > 1e-3
+
+
+def test_flux_class_models_beyond_flux1(env):
+    """Every FLUX-class model the installed ComfyUI builds (0.33: FLUX.2/Klein,
+    LongCat-Image, Ovis; tiny, from ComfyUI's own classes) is recognised; beyond
+    FLUX.1 the weight files and proportional attention are refused, and
+    training-free CLEAR matches the model's own weights with the oracle's mask."""
+    from oracle import clear_oracle
+
+    clear_patch, flux_tiny, _, _ = env
+    families = flux_tiny.available_families()
+    assert families[0] == "flux1"
+    node = clear_patch.CLEARAttentionPatch()
+    for family in families:
+        model, channels = flux_tiny.make_tiny_family(family)
+        assert clear_patch.flux_family(model.model.diffusion_model) == family
+        if family != "flux1":
+            with pytest.raises(clear_patch.CLEARPatchError, match="fit FLUX.1 models only"):
+                node.patch(model, "clear_local_3.safetensors", 0, 0, False, 1.0)
+            with pytest.raises(clear_patch.CLEARPatchError, match="training length"):
+                node.patch(model, "none (training-free)", 2, 0, True, 1.0)
+        (patched,) = node.patch(model, "none (training-free)", 2, 0, False, 1.0)
+        latent = torch.randn(1, channels, 10, 12, generator=torch.Generator().manual_seed(5))
+        grid = (5, 6) if model.model.diffusion_model.patch_size == 2 else (10, 12)
+        ref, _ = flux_tiny.make_tiny_family(family)
+
+        def dense_masked(func, q, k, v, heads, **kwargs):
+            text_len = q.shape[2] - grid[0] * grid[1]
+            out = clear_oracle(q, k, v, text_len, grid, 2).to(q.dtype)
+            return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+        ref.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = dense_masked
+        positive = _conditioning(1, 6, seed=6)
+        out, expected, dense = (_sample(m, latent, positive) for m in (patched, ref, model))
+        assert ((out - expected).norm() / expected.norm()).item() < 1e-4, family
+        assert ((dense - expected).norm() / expected.norm()).item() > 1e-3, family

@@ -202,6 +202,38 @@ def test_partial_loading_mixes_both_paths_with_published_values(W, flux_bf16, tm
         assert torch.equal(got[key], value.to(torch.bfloat16)), key
 
 
+def test_dynamic_vram_path_computes_with_published_values(W, flux_bf16, tmp_path):
+    """ComfyUI 0.33's dynamic VRAM loading (ModelPatcherDynamic, default on GPUs;
+    on a CPU it falls back to ModelPatcher) keeps the weights as they are and
+    re-applies every patched key on each forward through LowVramPatch: staged
+    through a cast buffer (prepare), applied to the weight cast to the compute
+    dtype. The parts of that path that run on a CPU, per CLEAR key: the patches
+    keep the weight's shape (else the layer would be force-loaded) and the
+    patched weight is the published one."""
+    import comfy.lora
+    import comfy.model_patcher
+
+    pub = write_clear_file(tmp_path / "c.safetensors", seed=31)
+    clone = apply_file(W, flux_bf16, tmp_path / "c.safetensors")
+    base_sd = {k: v.clone() for k, v in flux_bf16.model.state_dict().items()}
+    expected = expected_published(pub, base_sd)
+    assert set(expected) == set(clone.patches)
+    calculate_shape = getattr(comfy.lora, "calculate_shape", None)  # the dynamic loader's check (0.33)
+    for key, want in expected.items():
+        weight = comfy.model_patcher.get_key_weight(clone.model, key)[0]
+        if calculate_shape is not None:
+            assert calculate_shape(clone.patches[key], weight, key) == weight.shape, key
+        patch = comfy.model_patcher.LowVramPatch(key, clone.patches)
+        if hasattr(patch, "prepare"):  # 0.33: the patch tensors are copied into the layer's cast buffer
+            buffer = torch.zeros(patch.memory_required(), dtype=torch.uint8)
+            patch.prepare(buffer, None, copy=True, commit=True)
+            assert all(p[1][1][0].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+                       for p in patch.prepared_patches)
+        got = patch(weight.to(torch.bfloat16, copy=True))
+        assert torch.equal(got, want.to(torch.bfloat16)), key
+    assert torch.equal(flux_bf16.model.state_dict()[key], base_sd[key])  # the weight itself untouched
+
+
 # --------------------------------------------------------------------------
 # LoRA before or after: same weights == published + LoRA delta
 
