@@ -27,7 +27,8 @@ call's ``transformer_options`` (model_options are deep-copied by ComfyUI).
 import contextlib
 import functools
 import logging
-import math
+
+from .clear_patch import _warn_once
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +36,10 @@ WRAPPER_KEY = "comfyui_clear_token_chunking"
 MODEL_KEY = "clear_chunking_model"  # transformer_options entry: the Flux module of this call
 MIN_CHUNK = 256  # smallest auto chunk
 TEXT_TOKENS = 512
-_warned = set()
 
 
 class TokenChunkingError(ValueError):
     """The model cannot be chunked; the message says what to change."""
-
-
-def _warn_once(message):
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
 
 
 # ---------------------------------------------------------------------------

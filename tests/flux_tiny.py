@@ -184,3 +184,46 @@ def load_scaled_fp8_flux(scale=2 ** -6, depth=1, depth_single=1, seed=0):
                        ).to(torch.bfloat16)
     with torch.inference_mode():
         return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"load_device": torch.device("cpu")})
+
+
+def conditioning(T, seed):
+    """FLUX conditioning at the tiny size: T random context tokens, a pooled
+    vector and guidance 3.5, as ComfyUI's CLIPTextEncode + FluxGuidance give."""
+    config = tiny_unet_config()
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, T, config["context_in_dim"], generator=gen),
+             {"pooled_output": torch.randn(1, config["vec_in_dim"], generator=gen), "guidance": 3.5}]]
+
+
+def sample_one_step(model, latent, positive, seed=0, inference_mode=False):
+    """One Euler step through ComfyUI's real sampling path (comfy.sample.sample);
+    inference_mode as ComfyUI executes nodes (quantized tensors need it)."""
+    import contextlib
+
+    import comfy.sample
+
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode() if inference_mode else contextlib.nullcontext():
+        return comfy.sample.sample(model, noise, 1, 1.0, "euler", "simple", positive, positive, latent,
+                                   denoise=1.0, disable_pbar=True, seed=seed)
+
+
+def make_tiny_controlnet(seed=11):
+    """A ComfyUI ControlNet around ControlNetFlux at the tiny size (3-channel
+    hint), weights of std 1/sqrt(fan_in)."""
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+
+    config = tiny_unet_config()
+    config.pop("image_model")
+    control_model = comfy.ldm.flux.controlnet.ControlNetFlux(
+        latent_input=True, control_latent_channels=3, operations=comfy.ops.disable_weight_init, **config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in control_model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[1] ** 0.5 if p.dim() > 1 else 10)
+                    + (1.0 if name.endswith(".scale") else 0.0))
+    cpu = torch.device("cpu")
+    return comfy.controlnet.ControlNet(control_model, compression_ratio=1, latent_format=None, load_device=cpu,
+                                       manual_cast_dtype=None, extra_conds=["y", "guidance"])

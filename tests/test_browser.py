@@ -13,15 +13,12 @@ import json
 import os
 import pathlib
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 
 import pytest
 
+from _comfy_server import running_server
 from conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
@@ -41,41 +38,14 @@ def _chromium():
     return path
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(comfyui, tmp_path_factory):
     """ComfyUI on 127.0.0.1 with this checkout as custom_nodes/ComfyUI-CLEAR and no model files."""
     base = tmp_path_factory.mktemp("browser_base")
-    for folder in ("custom_nodes", "user", "models"):
+    for folder in ("user", "models"):
         (base / folder).mkdir()
-    os.symlink(REPO_ROOT, base / "custom_nodes" / MODULE)
-    port = _free_port()
-    log_path = base / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-             "--base-directory", str(base)],
-            cwd=comfyui, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300  # a loaded 2-core machine needs minutes
-        while proc.poll() is None and time.time() < deadline:
-            try:
-                urllib.request.urlopen(url + "/system_stats", timeout=5).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("ComfyUI did not start:\n" + log_path.read_text()[-3000:])
+    with running_server(comfyui, base, MODULE) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,13 @@ import sys
 import pytest
 import torch
 
-from flux_tiny import make_tiny_flux, tiny_unet_config, write_clear_file
+from flux_tiny import conditioning, make_tiny_flux, sample_one_step, tiny_unet_config, write_clear_file
 
 pytestmark = pytest.mark.comfyui
 
 GGUF_PATH_VAR = "COMFYUI_GGUF_PATH"
 H = 256  # tiny FLUX hidden size: every block weight is 256 wide, a multiple of the K-quant block (256)
 CPU = torch.device("cpu")
-T_CTX, VEC = 64, 32  # tiny FLUX context_in_dim / vec_in_dim (flux_tiny.tiny_unet_config)
 
 # Tensors lcpp.patch never quantizes in a FLUX model (kept as converted, BF16 / F32).
 FLUX_UNQUANTIZED = ("txt_in.", "img_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
@@ -341,18 +340,11 @@ def test_lora_before_and_after_clear(G, folders, tiny_detection, qtype):
 # sampled through ComfyUI against an independent reference
 
 def _conditioning(T, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, T, T_CTX, generator=gen), {"pooled_output": torch.randn(1, VEC, generator=gen),
-                                                       "guidance": 3.5}]]
+    return conditioning(T, seed)
 
 
 def _sample(model, latent, positive, seed=0):
-    import comfy.sample
-
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    with torch.inference_mode():
-        return comfy.sample.sample(model, noise, 1, 1.0, "euler", "simple", positive, positive, latent,
-                                   denoise=1.0, disable_pbar=True, seed=seed)
+    return sample_one_step(model, latent, positive, seed, inference_mode=True)
 
 
 def _reference(G, gguf_sd, clear_sd, window, grid, T):

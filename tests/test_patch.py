@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
+from flux_tiny import conditioning as flux_tiny_conditioning, sample_one_step
+
 pytestmark = pytest.mark.comfyui
 
-T_CTX, VEC = 64, 32  # tiny FLUX context_in_dim / vec_in_dim (tests/flux_tiny.py)
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +31,12 @@ def env(comfyui, tmp_path_factory):
 
 
 def _conditioning(batch_text, T, seed):
-    gen = torch.Generator().manual_seed(seed)
-    context = torch.randn(1, T, T_CTX, generator=gen)
-    pooled = torch.randn(1, VEC, generator=gen)
-    return [[context, {"pooled_output": pooled, "guidance": 3.5}]]
+    return flux_tiny_conditioning(T, seed)
 
 
 def _sample(model, latent, positive, seed=0):
     """One Euler step of ComfyUI's sampler (patches, wrappers, options all live)."""
-    import comfy.sample
-
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    return comfy.sample.sample(model, noise, 1, 1.0, "euler", "simple", positive, positive, latent,
-                               denoise=1.0, disable_pbar=True, seed=seed)
+    return sample_one_step(model, latent, positive, seed)
 
 
 def _reference_model(flux_tiny, clear_sd, window, down, proportional, ntk, grid, T, **config):
@@ -255,25 +249,10 @@ def test_controlnet_runs_on_the_patched_model_with_its_own_attention_dense(env, 
     """A FLUX ControlNet (ComfyUI's ControlNetFlux at the tiny size) on the
     patched model: sampling runs, the control changes the result, and CLEAR
     runs exactly in the main model's blocks (the ControlNet's stay dense)."""
-    import comfy.controlnet
-    import comfy.ldm.flux.controlnet
-    import comfy.ops
-
     import comfyui_clear.kernels as kernels
 
     clear_patch, flux_tiny, _, _ = env
-    config = flux_tiny.tiny_unet_config()
-    config.pop("image_model")
-    control_model = comfy.ldm.flux.controlnet.ControlNetFlux(
-        latent_input=True, control_latent_channels=3, operations=comfy.ops.disable_weight_init, **config)
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in control_model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[1] ** 0.5 if p.dim() > 1 else 10)
-                    + (1.0 if name.endswith(".scale") else 0.0))
-    cpu = torch.device("cpu")
-    control = comfy.controlnet.ControlNet(control_model, compression_ratio=1, latent_format=None, load_device=cpu,
-                                          manual_cast_dtype=None, extra_conds=["y", "guidance"])
+    control = flux_tiny.make_tiny_controlnet()
     latent = torch.randn(1, 16, 12, 10, generator=torch.Generator().manual_seed(12))
     hint = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(13))
     plain = _conditioning(1, 5, seed=14)

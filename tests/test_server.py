@@ -4,25 +4,15 @@ one single block, fp8 weights), patches it with CLEAR and saves it runs; the
 saved weights are the CLEAR ones."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from _comfy_server import running_server
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url):
@@ -35,38 +25,13 @@ def server(comfyui, tmp_path_factory):
     import flux_tiny
 
     base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    os.symlink(REPO_ROOT, base / "custom_nodes" / "ComfyUI-CLEAR")
     (base / "models" / "diffusion_models").mkdir(parents=True)
     (base / "models" / "clear").mkdir()
     flux_tiny.write_flux_checkpoint(base / "models" / "diffusion_models" / "tiny_flux.safetensors")
     clear_sd = flux_tiny.write_clear_file(base / "models" / "clear" / "clear_local_16.safetensors",
                                           hidden=3072, depth=1, depth_single=1)
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-         "--base-directory", str(base)],
-        cwd=comfyui, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):  # a cold start on 2 busy cores can take minutes
-            if proc.poll() is not None:
-                break
-            try:
-                _get(url + "/system_stats")
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("ComfyUI did not start in 300 s:\n" + (base / "server.log").read_text()[-3000:])
-        if proc.poll() is not None:
-            pytest.fail("ComfyUI exited:\n" + (base / "server.log").read_text()[-3000:])
+    with running_server(comfyui, base) as url:
         yield url, base, clear_sd
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_node_is_listed_with_its_inputs(server):

@@ -80,17 +80,13 @@ def test_chunked_blocks_match_comfyui_blocks(tiny, chunking, dtype, chunk, batch
 
 
 def _conditioning(T, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, T, T_CTX, generator=gen), {"pooled_output": torch.randn(1, VEC, generator=gen),
-                                                       "guidance": 3.5}]]
+    import flux_tiny
+    return flux_tiny.conditioning(T, seed)
 
 
 def _sample(model, latent, positive, seed=0):
-    import comfy.sample
-
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    return comfy.sample.sample(model, noise, 1, 1.0, "euler", "simple", positive, positive, latent,
-                               denoise=1.0, disable_pbar=True, seed=seed)
+    import flux_tiny
+    return flux_tiny.sample_one_step(model, latent, positive, seed)
 
 
 @pytest.mark.parametrize("order", ["dense", "clear_then_chunk", "chunk_then_clear"])
@@ -319,22 +315,7 @@ def test_scaled_fp8_checkpoint(comfyui, chunking, ran):
 
 def test_controlnet_residuals_on_chunked_model(tiny, chunking, ran):
     """ComfyUI adds ControlNet residuals to the block outputs: same result chunked."""
-    import comfy.controlnet
-    import comfy.ldm.flux.controlnet
-    import comfy.ops
-
-    config = tiny.tiny_unet_config()
-    config.pop("image_model")
-    control_model = comfy.ldm.flux.controlnet.ControlNetFlux(
-        latent_input=True, control_latent_channels=3, operations=comfy.ops.disable_weight_init, **config)
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in control_model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[1] ** 0.5 if p.dim() > 1 else 10)
-                    + (1.0 if name.endswith(".scale") else 0.0))
-    cpu = torch.device("cpu")
-    control = comfy.controlnet.ControlNet(control_model, compression_ratio=1, latent_format=None, load_device=cpu,
-                                          manual_cast_dtype=None, extra_conds=["y", "guidance"])
+    control = tiny.make_tiny_controlnet()
     latent = torch.randn(1, 16, 12, 10, generator=torch.Generator().manual_seed(12))
     hint = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(13))
     plain = _conditioning(5, seed=14)
