@@ -128,18 +128,30 @@ def test_a_later_attention_override_does_not_turn_clear_off(env, caplog, monkeyp
     assert not torch.allclose(_sample(dense, latent, positive), expected, rtol=1e-3, atol=1e-3)
 
 
+def _attention_backend_node(model):
+    """ComfyUI's own "Model Attention Backend" node (0.33+) with PyTorch
+    attention; on a ComfyUI without it, what it does: a clone whose
+    optimized_attention_override is PyTorch attention, not chained."""
+    import comfy.ldm.modules.attention as attention
+    import comfy_extras.nodes_model_advanced as advanced
+
+    if hasattr(advanced, "ModelAttentionBackend"):
+        return advanced.ModelAttentionBackend().patch(model, "pytorch attention")[0]
+    m = model.clone()
+    m.model_options["transformer_options"]["optimized_attention_override"] = (
+        lambda func, *args, **kwargs: attention.attention_pytorch(*args, **kwargs))
+    return m
+
+
 def test_comfyui_attention_backend_node_after_clear_keeps_clear(env):
-    """ComfyUI's own "Model Attention Backend" node (newer ComfyUI) placed after
-    CLEAR replaces the override without chaining: the image stays CLEAR's."""
-    advanced = pytest.importorskip("comfy_extras.nodes_model_advanced")
-    if not hasattr(advanced, "ModelAttentionBackend"):
-        pytest.skip("this ComfyUI has no Model Attention Backend node")
+    """ComfyUI's "Model Attention Backend" node placed after CLEAR replaces the
+    override without chaining: the image stays CLEAR's."""
     clear_patch, flux_tiny, _, _ = env
     model = flux_tiny.make_tiny_flux()
     latent = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(7))
     positive = _conditioning(1, 5, seed=8)
     (patched,) = clear_patch.CLEARAttentionPatch().patch(model, "clear_local_3.safetensors", 0, 0, False, 1.0)
-    (backend,) = advanced.ModelAttentionBackend().patch(patched, "pytorch attention")
+    backend = _attention_backend_node(patched)
     assert not clear_patch._is_clear_override(backend.model_options["transformer_options"]["optimized_attention_override"])
     assert torch.equal(_sample(backend, latent, positive), _sample(patched, latent, positive))
 
