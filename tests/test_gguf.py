@@ -13,19 +13,16 @@ independent reference; FLUX.1's real width with no seam at all. Needs COMFYUI_PA
 checkout); skips otherwise."""
 
 import contextlib
-import importlib.util
 import math
-import os
-import sys
 
 import pytest
 import torch
 
+from _gguf import import_comfyui_gguf
 from flux_tiny import conditioning, make_tiny_flux, sample_one_step, tiny_unet_config, write_clear_file
 
 pytestmark = pytest.mark.comfyui
 
-GGUF_PATH_VAR = "COMFYUI_GGUF_PATH"
 H = 256  # tiny FLUX hidden size: every block weight is 256 wide, a multiple of the K-quant block (256)
 CPU = torch.device("cpu")
 
@@ -47,23 +44,7 @@ MODULES = {
 
 @pytest.fixture(scope="module")
 def G(comfyui):
-    """ComfyUI-GGUF imported as ComfyUI imports a custom node (a package, its __init__ run)."""
-    path = os.environ.get(GGUF_PATH_VAR)
-    if not path:
-        pytest.skip(f"{GGUF_PATH_VAR} is not set (point it at a ComfyUI-GGUF checkout to run the GGUF tests)")
-    if not os.path.isfile(os.path.join(path, "loader.py")):
-        pytest.skip(f"{GGUF_PATH_VAR}={path} is not a ComfyUI-GGUF checkout (no loader.py)")
-    pytest.importorskip("gguf")
-    name = "comfyui_gguf_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
-                                                      submodule_search_locations=[path])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    for sub in ("nodes", "ops", "dequant", "loader", "tools.convert"):
-        importlib.import_module(f"{name}.{sub}")
-    return sys.modules[name]
+    return import_comfyui_gguf()
 
 
 @pytest.fixture(scope="module")

@@ -230,25 +230,9 @@ def test_low_vram_lora_patches_apply_once_per_block_call(tiny, chunking, monkeyp
 
 
 def _comfyui_gguf():
-    """ComfyUI-GGUF's ops, imported as tests/test_gguf.py imports the package
-    (COMFYUI_GGUF_PATH: a checkout of city96/ComfyUI-GGUF)."""
-    import importlib
-    import importlib.util
-    import os
-    import sys
-
-    path = os.environ.get("COMFYUI_GGUF_PATH")
-    if not path or not os.path.isfile(os.path.join(path, "loader.py")):
-        pytest.skip("COMFYUI_GGUF_PATH does not point at a ComfyUI-GGUF checkout")
-    pytest.importorskip("gguf")
-    name = "comfyui_gguf_under_test"  # the same module as test_gguf.py's, whichever runs first
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(path, "__init__.py"),
-                                                      submodule_search_locations=[path])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{name}.ops")
+    """ComfyUI-GGUF's ops (COMFYUI_GGUF_PATH: a checkout of city96/ComfyUI-GGUF)."""
+    from _gguf import import_comfyui_gguf
+    return import_comfyui_gguf().ops
 
 
 def test_gguf_weights_dequantize_once_per_block_call(tiny, chunking, monkeypatch):
