@@ -75,9 +75,11 @@ def _layout_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_l
 
 
 def _clear_block(args, extra, *, layer, previous=None):
-    """patches_replace["dit"] wrapper: run the block with this layer's CLEAR settings."""
+    """patches_replace["dit"] wrapper: run the block with this layer's CLEAR settings.
+    The outermost wrapper (the last CLEAR node) wins: an earlier CLEAR node's
+    wrapper can stay below another extension's block patch in the chain."""
     options = dict(args.get("transformer_options") or {})
-    options["clear_layer"] = layer
+    options.setdefault("clear_layer", layer)
     args = {**args, "transformer_options": options}
     if previous is not None:
         return previous(args, extra)

@@ -376,3 +376,20 @@ def test_node_interface(chunking):
     assert list(inputs) == ["model", "chunk_tokens"]
     assert inputs["chunk_tokens"][1]["default"] == 0 and inputs["chunk_tokens"][1]["min"] == 0
     assert chunking.CLEARTokenChunking.CATEGORY == "advanced/model"
+
+
+def test_second_clear_node_after_chunking_replaces_the_first(tiny, chunking):
+    """CLEAR -> Token Chunking -> CLEAR: the second CLEAR node's settings win,
+    as they do without a node in between (its block patch sits on top of the
+    first one's, which stays in the chain below the chunking patch)."""
+    from comfyui_clear.nodes import clear_patch
+
+    model = tiny.make_tiny_flux()
+    latent = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(21))
+    positive = _conditioning(4, seed=22)
+    first = clear_patch.patch_model(model, "none (training-free)", window_size=4)
+    chained = clear_patch.patch_model(chunking.patch_model(first, 16), "none (training-free)", window_size=2)
+    direct = chunking.patch_model(clear_patch.patch_model(model, "none (training-free)", window_size=2), 16)
+    got = _sample(chained, latent, positive)
+    assert _rel(got, _sample(direct, latent, positive)) < 1e-6
+    assert _rel(got, _sample(first, latent, positive)) > 1e-4  # the radius matters at this size
