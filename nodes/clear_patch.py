@@ -169,7 +169,8 @@ def _override_on_top(transformer_options):
 
 
 def _unwrap(obj, func):
-    """A previous patch of ours is replaced, not stacked (a second CLEAR node)."""
+    """The chain below a previous patch made by ``func``: a second node of the
+    same kind (CLEAR, token chunking) replaces the first instead of stacking."""
     while isinstance(obj, functools.partial) and obj.func is func:
         obj = obj.keywords.get("previous")
     return obj

@@ -28,7 +28,7 @@ import contextlib
 import functools
 import logging
 
-from .clear_patch import _warn_once
+from .clear_patch import _unwrap, _warn_once
 
 log = logging.getLogger(__name__)
 
@@ -335,13 +335,6 @@ def _chunk_block(args, extra, *, kind, index, chunk_tokens, previous=None):
     return original(args)
 
 
-def _unwrap(obj):
-    """A previous chunking patch is replaced, not stacked (a second node)."""
-    while isinstance(obj, functools.partial) and obj.func is _chunk_block:
-        obj = obj.keywords.get("previous")
-    return obj
-
-
 def patch_model(model, chunk_tokens=0):
     """Return a clone of ``model`` (a ComfyUI ModelPatcher of FLUX) with token-chunked blocks."""
     import comfy.ldm.flux.model
@@ -359,7 +352,7 @@ def patch_model(model, chunk_tokens=0):
     for kind, blocks in (("double", diffusion_model.double_blocks), ("single", diffusion_model.single_blocks)):
         for i in range(len(blocks)):
             wrapper = functools.partial(_chunk_block, kind=kind, index=i, chunk_tokens=chunk_tokens,
-                                        previous=_unwrap(dit.get((f"{kind}_block", i))))
+                                        previous=_unwrap(dit.get((f"{kind}_block", i)), _chunk_block))
             m.set_model_patch_replace(wrapper, "dit", f"{kind}_block", i)
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _model_wrapper)
