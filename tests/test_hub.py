@@ -4,6 +4,7 @@ progress-bar/cancel test at the end. The endpoint is given through the
 HF_ENDPOINT environment variable, which nodes/hub.py reads at call time."""
 
 import os
+import time
 
 import pytest
 
@@ -101,18 +102,55 @@ def test_missing_file_on_the_hub_gives_manual_install_hint(fake_hub, tmp_path):
     msg = str(err.value)
     assert f"{fake_hub.url}/{hub.REPO_ID}/resolve/main/{name}" in msg
     assert "by hand" in msg and os.path.join(str(tmp_path), name) in msg
-    assert _visible_files(tmp_path) == []
+    assert os.listdir(tmp_path) == []  # no .cache/huggingface debris either
 
 
-@pytest.mark.slow  # huggingface_hub backs off ~20 s on connection errors before giving up
-def test_nothing_listening_gives_clear_error(monkeypatch, tmp_path):
-    url = f"http://127.0.0.1:{unused_port()}"
+def _hub_retry_lines(caplog, capfd):
+    """huggingface_hub's retry warnings, through logging or its own stderr handler."""
+    records = [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")]
+    err = capfd.readouterr().err
+    return [m for m in records + err.splitlines()
+            if any(w in m for w in ("Retrying", "thrown while requesting", "resume", "Error while downloading"))]
+
+
+def test_nothing_listening_fails_fast_with_one_message_and_no_debris(monkeypatch, tmp_path, caplog, capfd):
+    url = f"http://127.0.0.1:{unused_port()}"  # offline: the endpoint refuses connections
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    dest = tmp_path / "models" / "clear"
+    dest.mkdir(parents=True)
+    start = time.monotonic()
     with pytest.raises(CLEARDownloadError) as err:
-        download_published(NAME, str(tmp_path))
-    assert f"{url}/{hub.REPO_ID}/resolve/main/{NAME}" in str(err.value)
-    assert _visible_files(tmp_path) == []
+        download_published(NAME, str(dest), on_progress=lambda *a: None)
+    assert time.monotonic() - start < 3  # huggingface_hub alone backs off ~20 s
+    msg = str(err.value)
+    assert "cannot be reached" in msg and "No network?" in msg
+    assert f"{url}/{hub.REPO_ID}/resolve/main/{NAME}" in msg and str(dest / NAME) in msg
+    assert _hub_retry_lines(caplog, capfd) == []
+    assert os.listdir(dest) == []  # not even huggingface_hub's .cache folder or a .lock file
+
+
+def test_probe_goes_through_the_proxy_the_environment_sets(monkeypatch):
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    assert hub._probe_target("https://huggingface.co") == ("huggingface.co", 443)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert hub._probe_target("https://huggingface.co") == ("proxy.example", 3128)
+    monkeypatch.setenv("no_proxy", "huggingface.co")
+    assert hub._probe_target("https://huggingface.co") == ("huggingface.co", 443)
+
+
+def test_dropped_transfers_log_one_retry_line_and_leave_no_lock(fake_hub, tmp_path, caplog, capfd):
+    fake_hub.cut = "always"  # the stand-in Hub answers, then drops every transfer: huggingface_hub retries
+    with pytest.raises(CLEARDownloadError):
+        download_published(NAME, str(tmp_path), on_progress=lambda *a: None)
+    assert _hub_retry_lines(caplog, capfd) == []
+    ours = [r for r in caplog.records if r.name == hub.__name__ and "retrying" in r.getMessage()]
+    assert len(ours) == 1, [r.getMessage() for r in caplog.records]
+    # at most a partial file kept for resuming (older huggingface_hub), never a lock
+    left = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert all(p.name.endswith(".incomplete") for p in left), left
 
 
 @pytest.mark.parametrize("name", ["../clear_local_8.safetensors", "sub/clear_local_8.safetensors", ""])
