@@ -193,3 +193,54 @@ def test_progress_reaches_comfyui_progress_bar_and_cancel_propagates(comfyui, fa
         download_published(NAME, str(tmp_path / "b"))
     final = tmp_path / "b" / NAME  # never a partial file under the final name
     assert not final.exists() or final.read_bytes() == payload
+
+
+# --------------------------------------------------------------------------
+# models/clear exists from ComfyUI's start (the README sends offline users there)
+
+@pytest.fixture
+def folder_paths(comfyui, tmp_path, monkeypatch):
+    import folder_paths
+    from comfyui_clear.nodes import weights
+
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, weights.FOLDER, raising=False)
+    return folder_paths
+
+
+def test_registering_the_folder_creates_it(folder_paths, tmp_path):
+    from comfyui_clear.nodes import weights
+
+    weights.register_model_folder()
+    assert (tmp_path / "models" / "clear").is_dir()
+    assert folder_paths.get_folder_paths("clear") == [str(tmp_path / "models" / "clear")]
+
+
+def test_a_folder_that_cannot_be_created_does_not_stop_comfyui(folder_paths, tmp_path, monkeypatch):
+    from comfyui_clear.nodes import weights
+
+    (tmp_path / "locked").write_text("")  # a file where a folder would go: mkdir fails, also as root
+    models = tmp_path / "locked" / "models"
+    monkeypatch.setattr(folder_paths, "models_dir", str(models))
+    weights.register_model_folder()  # no exception
+    assert folder_paths.get_folder_paths("clear") == [str(models / "clear")]
+    assert weights.weight_choices()[-1] == weights.TRAINING_FREE  # the node still lists its choices
+
+
+def test_comfyui_loading_the_package_creates_the_folder(comfyui, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {comfyui!r})
+        import folder_paths  # as ComfyUI's main.py does before loading custom nodes
+        folder_paths.models_dir = {str(tmp_path / "models")!r}
+        import comfyui_clear
+        print(os.path.isdir(os.path.join(folder_paths.models_dir, "clear")))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == "True"
