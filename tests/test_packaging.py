@@ -45,7 +45,8 @@ def test_ci_installs_with_the_constraints_file():
         ci = f.read()
     with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    pins = _normalized(open(os.path.join(REPO_ROOT, "constraints.txt"), encoding="utf-8"))
+    with open(os.path.join(REPO_ROOT, "constraints.txt"), encoding="utf-8") as f:
+        pins = _normalized(f)
     assert {name for name, _, _ in pins} >= {"torch", "torchvision", "torchaudio"}
     assert "-c constraints.txt" in ci and "-c constraints.txt" in readme  # one pin for both, nothing to drift
     assert "torch==" not in ci
