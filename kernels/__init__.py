@@ -146,7 +146,8 @@ def _device_name(device):
 
 _NAMES = {"triton": "the Triton kernel", "flex": "FlexAttention", "torch": "the torch path",
           "sdpa": "scaled_dot_product_attention"}
-_TRUST = {}    # ("triton", device, launch variant) or ("flex", device, dtype, head_dim, pooled) -> None | why not
+# ("triton", device, launch variant) or ("flex", device, dtype, head_dim, pooled) -> None (trusted) or why not
+_TRUST = {}
 _CHOICES = {}  # (device, dtype, head_dim, variant) -> (description, backend, reason)
 _WARNED = set()
 
@@ -232,9 +233,9 @@ def _vet_triton(device, dtype, head_dim, window, down_factor, keys, variants):
                 why = _self_check("triton", device, dtype, head_dim, window, down_factor)
             if why is None and variant not in seen:
                 why = f"the self-check did not run this kernel variant ({describe_variant(variant)})"
-            _TRUST[key] = why
+            _TRUST[key] = None if why is None else f"first-use check: {why}"
         if _TRUST[key] is not None:
-            raise _Untrusted(f"first-use check: {_TRUST[key]}")
+            raise _Untrusted(_TRUST[key])
 
 
 def _note_choice(q, variant, backend, reason):
@@ -298,9 +299,10 @@ def _run_auto(q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, 
                 key = ("flex", str(q.device), q.dtype, D, down_factor > 1)
                 keys.append(key)
                 if key not in _TRUST:
-                    _TRUST[key] = _self_check("flex", q.device, q.dtype, D, window, down_factor)
+                    why = _self_check("flex", q.device, q.dtype, D, window, down_factor)
+                    _TRUST[key] = None if why is None else f"first-use check: {why}"
                 if _TRUST[key] is not None:
-                    raise _Untrusted(f"first-use check: {_TRUST[key]}")
+                    raise _Untrusted(_TRUST[key])
                 out = _run_backend("flex", *args)
         except _Untrusted as exc:
             failures.append((name, str(exc)))

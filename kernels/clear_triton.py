@@ -371,15 +371,23 @@ def clear_attention_triton(q, k, v, *, text_len, grid, window, pooled_k=None, po
         if cfg is None:
             d = down_factor if down_factor is not None else (1 if kp is None else 2)
             cfg = kernel_config(D, window, d, arch)
-        out = _empty_output(B, L, H, D, q.dtype, q.device)
         offsets, ranges = _device_schedule(grid, window, cfg, q.device)
-        launches = image_rows_launches(q, k, v, out, kp, vp, offsets, ranges, text_len=T, grid=grid, window=window,
+
+        def launches_into(out):
+            return image_rows_launches(q, k, v, out, kp, vp, offsets, ranges, text_len=T, grid=grid, window=window,
                                        scale=scale, cfg=cfg)
-        variants = {launch_variant(args, kwargs, arch) for _, _, args, kwargs in launches}
+
+        # Variants from a meta output (allocations are aligned, as a real one
+        # is): a distrusted call allocates nothing before it falls back.
+        variants = {launch_variant(args, kwargs, arch)
+                    for _, _, args, kwargs in launches_into(_empty_output(B, L, H, D, q.dtype, "meta"))}
         if vet is not None:
             vet(variants)
         for seen in _RECORDERS:
             seen.update(variants)
+        out = _empty_output(B, L, H, D, q.dtype, q.device)
+        launches = launches_into(out)
+        assert {launch_variant(args, kwargs, arch) for _, _, args, kwargs in launches} == variants
         if T > 0:
             out[:, :, :T] = _text_rows(q, k, v, T, scale).to(q.dtype)
         for kernel, launch_grid, args, kwargs in launches:
