@@ -234,6 +234,22 @@ def canonical(x):
     return x.clone(memory_format=torch.contiguous_format)
 
 
+def prepare(q, k, v, pooled_k=None, pooled_v=None):
+    """(q, k, v, kp, vp) as the kernel takes them: ``canonical`` layouts, the
+    pooled tokens (or None) in q's dtype with one set of strides."""
+    q, k, v = canonical(q), canonical(k), canonical(v)
+    kp = vp = None
+    if pooled_k is not None:
+        # The kernel's dots take one dtype: round the (float32) pooled tokens
+        # like any other key/value of this call. kp and vp share strides (the
+        # kernel uses kp's).
+        kp = canonical(pooled_k.to(q.dtype).contiguous())
+        vp = canonical(pooled_v.to(q.dtype).contiguous())
+        if kp.stride() != vp.stride():
+            kp, vp = kp.clone(memory_format=torch.contiguous_format), vp.clone(memory_format=torch.contiguous_format)
+    return q, k, v, kp, vp
+
+
 def _empty_output(B, L, H, D, dtype, device):
     """(B, H, L, D) view of (B, L, H, D) memory: the override's
     ``out.transpose(1, 2).reshape(B, L, H * D)`` is then a view, not a copy."""
@@ -291,18 +307,27 @@ def _specialize_py(value, specialize):
     raise TypeError(f"no specialisation rule for {type(value).__name__}")
 
 
-def _specialize(value, specialize):
+def _native_specialize():
     try:
         from triton.backends.compiler import BaseBackend
         from triton.runtime.jit import native_specialize_impl
     except ImportError:
-        return _specialize_py(value, specialize)
-    return tuple(native_specialize_impl(BaseBackend, value, False, specialize, True))
+        return None
+    return lambda value, specialize: tuple(native_specialize_impl(BaseBackend, value, False, specialize, True))
+
+
+_specialize = _native_specialize() or _specialize_py
+
+
+_PARAMS = {}
 
 
 def _param_names():
-    import inspect
-    return list(inspect.signature(_clear_image_rows_kernel.fn).parameters)
+    fn = _clear_image_rows_kernel.fn
+    if fn not in _PARAMS:
+        import inspect
+        _PARAMS[fn] = list(inspect.signature(fn).parameters)
+    return _PARAMS[fn]
 
 
 def launch_variant(args, kwargs, arch):
@@ -357,16 +382,7 @@ def clear_attention_triton(q, k, v, *, text_len, grid, window, pooled_k=None, po
     B, H, L, D = q.shape
     T = text_len
     with device_guard(q.device):
-        q, k, v = canonical(q), canonical(k), canonical(v)
-        kp = vp = None
-        if pooled_k is not None:
-            # The kernel's dots take one dtype: round the (float32) pooled tokens
-            # like any other key/value of this call. kp and vp share strides
-            # (the kernel uses kp's).
-            kp = canonical(pooled_k.to(q.dtype).contiguous())
-            vp = canonical(pooled_v.to(q.dtype).contiguous())
-            if kp.stride() != vp.stride():
-                kp, vp = kp.clone(memory_format=torch.contiguous_format), vp.clone(memory_format=torch.contiguous_format)
+        q, k, v, kp, vp = prepare(q, k, v, pooled_k, pooled_v)
         arch = device_arch(q.device)
         if cfg is None:
             d = down_factor if down_factor is not None else (1 if kp is None else 2)

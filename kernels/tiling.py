@@ -48,8 +48,13 @@ def kernel_config(head_dim, window, down_factor=1, arch=None):
         # Triton's AMD stream pipeliner expects. maxnreg is an NVIDIA option.
         # Not yet measured on a GPU.
         num_warps, num_stages = 4, 2
-    elif head_dim <= 64 or (arch is not None and arch // 10 == 9):
+    elif arch is not None and arch // 10 == 9:
         num_warps, num_stages = 4, 3
+    elif head_dim <= 64:
+        # sm_80/86/89: ptxas aims at three blocks per SM (168 registers) and
+        # spills 8-16 bytes (2 stages too); uncapped, no spill. sm_120 spills
+        # uncapped and not at its own choice.
+        num_warps, num_stages, maxnreg = 4, 3, (255 if arch in (80, 86, 89) else None)
     else:
         # sm_80/86/89/120 at head_dim 128: 4 warps spill (255 registers). With
         # 8 warps ptxas aims at two blocks per SM (128 registers) and spills
