@@ -4,11 +4,11 @@ FlexAttention.
 ``clear_attention`` is the stable entry point; see docs/attention.md for what
 it computes and how "auto" picks a backend (a first-use self-check per GPU
 and compiled kernel variant, falling back Triton -> Flex -> torch).
-``clear_attention`` validates its inputs and calls the custom op
-``torch.ops.comfyui_clear.clear_attention``: torch.compile sees one opaque op
-with a fake (shape-only) implementation, and the backend choice, the
-self-check, the tile schedule and the launches run in the op's eager
-implementation, never in traced code.
+``clear_attention`` validates its inputs; under torch.compile it calls the
+custom op ``torch.ops.comfyui_clear.clear_attention``, one opaque op with a
+fake (shape-only) implementation, so the backend choice, the self-check, the
+tile schedule and the launches run in the op's eager implementation, never
+in traced code (eager calls run that implementation directly).
 Triton is imported only when the Triton backend is used, so this module
 imports on machines without Triton or CUDA.
 """
@@ -350,7 +350,8 @@ def is_dense(grid, window, down_factor):
 def _output_layout(out):
     """``out`` as a (B, H, L, D) view of (B, L, H, D) memory, the layout the
     op's fake implementation promises (a copy only where a backend returned
-    another one)."""
+    another one; Triton and flash SDPA already do). Eager calls skip this:
+    the override's reshape makes the same copy, without an extra buffer."""
     B, H, L, D = out.shape
     want = _empty_strides(B, H, L, D)
     if tuple(out.stride()) == want:
@@ -365,8 +366,8 @@ def _empty_strides(B, H, L, D):
 
 
 def _clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor, spatial_weight, scale, backend):
-    """The op's eager implementation: backend choice, self-check, pooling and
-    the run. Never traced by torch.compile."""
+    """The op's implementation: backend choice, self-check, pooling and the
+    run. Never traced by torch.compile."""
     grid = (grid_h, grid_w)
     if backend == "auto":
         forced = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
@@ -380,7 +381,7 @@ def _clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor
                              "Use backend='auto' or 'torch'.")
     if backend == "auto" and is_dense(grid, window, down_factor):
         _note_choice(q, "dense (window covers the grid)", "sdpa", "the window covers the whole grid")
-        return _output_layout(F.scaled_dot_product_attention(q, k, v, scale=scale))
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
     pooled_k = pooled_v = None
     if down_factor > 1:
@@ -390,8 +391,8 @@ def _clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor
 
     args = (q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale)
     if backend == "auto":
-        return _output_layout(_run_auto(*args))
-    return _output_layout(_run_backend(backend, *args))
+        return _run_auto(*args)
+    return _run_backend(backend, *args)
 
 
 def _register_op():
@@ -410,8 +411,9 @@ def _register_op():
     def clear_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int, grid_h: int,
                            grid_w: int, window: int, down_factor: int, spatial_weight: Optional[torch.Tensor],
                            scale: float, backend: str) -> torch.Tensor:
-        return sys.modules[module]._clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor,
-                                                         spatial_weight, scale, backend)
+        impl = sys.modules[module]
+        return impl._output_layout(impl._clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor,
+                                                              spatial_weight, scale, backend))
 
     @clear_attention_op.register_fake
     def _(q, k, v, text_len, grid_h, grid_w, window, down_factor, spatial_weight, scale, backend):
@@ -438,11 +440,23 @@ def clear_attention(q, k, v, *, text_len, grid, window, down_factor=1, spatial_w
     CUDA: Triton if it passes a first-use self-check, else FlexAttention if
     that does, else torch; the environment variable CLEAR_ATTENTION_BACKEND
     overrides "auto"), "torch", "triton" or "flex" (forced: no self-check).
-    Returns a tensor of q's shape and dtype, a (B, H, L, D) view of
-    (B, L, H, D) memory (``out.transpose(1, 2)`` is contiguous).
+    Returns a tensor of q's shape and dtype; from Triton (and, under
+    torch.compile, from every backend) a (B, H, L, D) view of (B, L, H, D)
+    memory, so ``out.transpose(1, 2)`` is contiguous.
     Safe under torch.compile (one opaque custom op).
     """
     _check_inputs(q, k, v, text_len, grid, window, down_factor, spatial_weight, scale, backend)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return _OP(q, k, v, text_len, grid[0], grid[1], window, down_factor, spatial_weight, float(scale), backend)
+    # Traced code gets the opaque op; eager calls run its implementation
+    # directly (same result, no dispatcher round trip, and dispatch modes,
+    # such as the memory tests' LiveBytes, see every tensor it makes).
+    run = _OP if _is_compiling() else _clear_attention_impl
+    return run(q, k, v, text_len, grid[0], grid[1], window, down_factor, spatial_weight, float(scale), backend)
+
+
+def _is_compiling():
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False
