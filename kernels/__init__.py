@@ -210,8 +210,10 @@ def _self_check(name, device, dtype, head_dim, window, down_factor):
     """The first-use self-check of backend ``name``: None if it passes for this
     device, dtype, head_dim, window and down factor, else why not. The one
     entry point of the check; it runs under the device's CUDA context."""
+    # run(q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale) -> output
     run = functools.partial(_run_backend, name)
     with device_guard(device):
+        # kernels/selfcheck.py's check_backend takes the same arguments.
         return _check_against_torch(run, device=device, dtype=dtype, head_dim=head_dim, window=window,
                                     down_factor=down_factor)
 

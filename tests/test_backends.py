@@ -191,7 +191,8 @@ def test_auto_stays_on_torch_off_cuda(monkeypatch, caplog):
     assert ran == ["torch", "torch"]
     assert kernels.backend_choices() == {"cpu, float32, head_dim 16, local keys": (
         "torch", "cpu device: the compiled backends run on CUDA")}
-    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "CLEAR attention on" in r.getMessage()]
+    infos = [r.getMessage() for r in caplog.records
+             if r.levelno == logging.INFO and "CLEAR attention on" in r.getMessage()]
     assert infos == ["CLEAR attention on cpu, float32, head_dim 16, local keys: running the torch path "
                      "(cpu device: the compiled backends run on CUDA)"], "one INFO line per variant"
 
