@@ -2,21 +2,32 @@
 FlexAttention.
 
 ``clear_attention`` is the stable entry point; see docs/attention.md for what
-it computes and how "auto" picks a backend (a first-use self-check per GPU,
-dtype, head_dim and kernel config, falling back Triton -> Flex -> torch).
+it computes and how "auto" picks a backend (a first-use self-check per GPU
+and compiled kernel variant, falling back Triton -> Flex -> torch).
+``clear_attention`` validates its inputs; under torch.compile it calls the
+custom op ``torch.ops.comfyui_clear.clear_attention``, one opaque op with a
+fake (shape-only) implementation, so the backend choice, the self-check, the
+tile schedule and the launches run in the op's eager implementation, never
+in traced code (eager calls run that implementation directly).
 Triton is imported only when the Triton backend is used, so this module
 imports on machines without Triton or CUDA.
 """
 
+import contextlib
+import functools
 import logging
 import math
 import os
+import sys
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .reference import clear_attention_torch, pool_image_tokens, pooled_grid
 
-__all__ = ["clear_attention", "pool_image_tokens", "pooled_grid", "triton_supported", "BACKEND_ENV"]
+__all__ = ["clear_attention", "pool_image_tokens", "pooled_grid", "triton_supported", "flex_supported",
+           "backend_choices", "device_guard", "BACKEND_ENV"]
 
 BACKENDS = ("auto", "torch", "triton", "flex")
 BACKEND_ENV = "CLEAR_ATTENTION_BACKEND"  # forces a backend where callers pass "auto" (the node does)
@@ -74,15 +85,21 @@ def triton_supported(q):
     """Why the Triton kernel cannot run on ``q`` (a string), or None if it can."""
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
     if q.device.type != "cuda" and not (interpreting and q.device.type == "cpu"):
-        return f"Triton backend needs a CUDA tensor (got device {q.device})"
+        return f"the Triton kernel needs a CUDA tensor (got device {q.device})"
     if q.device.type == "cuda" and q.dtype not in (torch.float16, torch.bfloat16):
         # Its dots are tensor-core MMAs (tests/test_kernel_compile.py): float32 would be tf32 or slow.
-        return f"Triton backend on CUDA takes float16 and bfloat16 (got {q.dtype}; float32 runs on flex or torch)"
+        return (f"{str(q.dtype).replace('torch.', '')} on CUDA: the Triton kernel takes float16 and bfloat16 "
+                "(load the model in bf16 or fp16 to use it)")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"Triton backend supports float32 (interpreter), float16 and bfloat16 (got {q.dtype})"
-    d = q.shape[-1]
+        return f"the Triton kernel takes float32 (interpreter), float16 and bfloat16 (got {q.dtype})"
+    B, H, L, d = q.shape
+    if q.device.type == "cuda" and d not in (64, 128):
+        # The sizes compiled and checked ahead of time (tensor cores, no spills).
+        return f"the Triton kernel is built for head_dim 64 and 128 on the GPU (got {d})"
     if d not in (16, 32, 64, 128, 256):
-        return f"Triton backend supports head_dim 16, 32, 64, 128 or 256 (got {d})"
+        return f"the Triton kernel supports head_dim 16, 32, 64, 128 or 256 (got {d})"
+    if max(L, H) * d >= 2 ** 31:
+        return f"sequence of {L} tokens x {H} heads is too long for the Triton kernel's 32-bit strides"
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -104,6 +121,17 @@ def flex_supported(q):
     return None
 
 
+def device_guard(device):
+    """``torch.cuda.device(device)`` on a CUDA (or ROCm) device, else nothing.
+    Triton launches on the current device and its stream, not on the
+    tensors' device: a model on cuda:1 would otherwise run the kernel
+    against GPU 0."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _fast_device(q):
     """Whether "auto" tries the compiled backends (tests widen it to the CPU
     under TRITON_INTERPRET=1)."""
@@ -116,14 +144,19 @@ def _device_name(device):
     return str(device)
 
 
-_TRUST = {}  # (backend, device, dtype, head_dim, config) -> None if it passed its check, else why not
+_NAMES = {"triton": "the Triton kernel", "flex": "FlexAttention", "torch": "the torch path",
+          "sdpa": "scaled_dot_product_attention"}
+# ("triton", device, launch variant) or ("flex", device, dtype, head_dim, pooled) -> None (trusted) or why not
+_TRUST = {}
+_CHOICES = {}  # (device, dtype, head_dim, variant) -> (description, backend, reason)
+_WARNED = set()
 
 
-def _run_backend(name, q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale):
+def _run_backend(name, q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale, vet=None):
     if name == "triton":
         from .clear_triton import clear_attention_triton
         return clear_attention_triton(q, k, v, text_len=text_len, grid=grid, window=window, pooled_k=pooled_k,
-                                      pooled_v=pooled_v, scale=scale, down_factor=down_factor)
+                                      pooled_v=pooled_v, scale=scale, down_factor=down_factor, vet=vet)
     if name == "flex":
         from .flex import clear_attention_flex
         return clear_attention_flex(q, k, v, text_len=text_len, grid=grid, window=window, pooled_k=pooled_k,
@@ -138,83 +171,261 @@ _CHECK_SHAPE = dict(batch=1, heads=2, text_len=7, grid=(19, 21))
 _CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
-def _self_check(name, dtype, device, head_dim, window, down_factor):
-    """None if backend ``name`` matches the torch path on a small random
-    problem with this dtype, head_dim, window and down factor, else why not."""
+def _short(exc):
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _check_against_torch(run, *, device, dtype, head_dim, window, down_factor):
+    """None if ``run(q, k, v, text_len, grid, window, down_factor, pooled_k,
+    pooled_v, scale)`` matches the torch path on a small random problem, else
+    why not. Everything, the reference included, runs inside the failure
+    handling: a broken device context gives a reason, never an exception."""
     B, H, T, (h, w) = (_CHECK_SHAPE[key] for key in ("batch", "heads", "text_len", "grid"))
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(B, H, T + h * w, head_dim, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-    pooled_k = pooled_v = None
-    if down_factor > 1:
-        pooled_k = pool_image_tokens(k[:, :, T:], (h, w), down_factor)
-        pooled_v = pool_image_tokens(v[:, :, T:], (h, w), down_factor)
-    scale = head_dim ** -0.5
     try:
-        out = _run_backend(name, q, k, v, T, (h, w), window, down_factor, pooled_k, pooled_v, scale)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(B, H, T + h * w, head_dim, generator=gen).to(device=device, dtype=dtype)
+                   for _ in range(3))
+        pooled_k = pooled_v = None
+        if down_factor > 1:
+            pooled_k = pool_image_tokens(k[:, :, T:], (h, w), down_factor)
+            pooled_v = pool_image_tokens(v[:, :, T:], (h, w), down_factor)
+        scale = head_dim ** -0.5
+        out = run(q, k, v, T, (h, w), window, down_factor, pooled_k, pooled_v, scale)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a launch error surfaces here, not later in the user's step
-    except Exception as exc:  # compile or launch failure: anything the backend raised
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-    ref = clear_attention_torch(q, k, v, text_len=T, grid=(h, w), window=window, pooled_k=pooled_k,
-                                pooled_v=pooled_v, scale=scale).double()
-    if out.shape != q.shape or not torch.isfinite(out).all():
-        return "non-finite or misshapen output"
-    err = ((out.double() - ref).norm() / ref.norm()).item()
+        ref = clear_attention_torch(q, k, v, text_len=T, grid=(h, w), window=window, pooled_k=pooled_k,
+                                    pooled_v=pooled_v, scale=scale).double()
+        if out.shape != q.shape or not torch.isfinite(out).all():
+            return "non-finite or misshapen output"
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+    except Exception as exc:  # compile or launch failure: anything the backend (or the device) raised
+        return _short(exc)
     if not err < _CHECK_TOL[dtype]:
         return f"wrong result (relative error {err:.2e} vs the torch path)"
     return None
 
 
-def _trusted(name, q, window, down_factor, config):
-    key = (name, str(q.device), q.dtype, q.shape[-1], config)
-    if key not in _TRUST:
-        _TRUST[key] = _self_check(name, q.dtype, q.device, q.shape[-1], window, down_factor)
-    return _TRUST[key] is None, _TRUST[key]
+def _self_check(name, device, dtype, head_dim, window, down_factor):
+    """The first-use self-check of backend ``name``: None if it passes for this
+    device, dtype, head_dim, window and down factor, else why not. The one
+    entry point of the check; it runs under the device's CUDA context."""
+    # run(q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale) -> output
+    run = functools.partial(_run_backend, name)
+    with device_guard(device):
+        # kernels/selfcheck.py's check_backend takes the same arguments.
+        return _check_against_torch(run, device=device, dtype=dtype, head_dim=head_dim, window=window,
+                                    down_factor=down_factor)
 
 
-def _triton_config(q, window, down_factor):
-    from .clear_triton import device_arch
-    from .tiling import kernel_config
-    return tuple(sorted(kernel_config(q.shape[-1], window, down_factor, device_arch(q.device)).items()))
+class _Untrusted(Exception):
+    """A backend failed (or could not run) its first-use check for this call's variant."""
 
 
-_WARNED = set()
+def _vet_triton(device, dtype, head_dim, window, down_factor, keys, variants):
+    """``vet`` of the Triton launcher: every kernel variant this call launches
+    must have passed a self-check that launched that same variant."""
+    from .clear_triton import describe_variant, recorded_variants
+
+    for variant in sorted(variants, key=repr):
+        key = ("triton", str(device), variant)
+        keys.append(key)
+        if key not in _TRUST:
+            with recorded_variants() as seen:
+                why = _self_check("triton", device, dtype, head_dim, window, down_factor)
+            if why is None and variant not in seen:
+                why = f"the self-check did not run this kernel variant ({describe_variant(variant)})"
+            _TRUST[key] = None if why is None else f"first-use check: {why}"
+        if _TRUST[key] is not None:
+            raise _Untrusted(_TRUST[key])
 
 
-def _auto_backend(q, window, down_factor):
-    """Triton if it passed its first-use check here, else Flex if that did,
-    else torch; one warning per failing (GPU, dtype, head_dim, config)."""
-    if not _fast_device(q):
-        return "torch"
-    failures = []
-    if triton_supported(q) is None:
-        config = _triton_config(q, window, down_factor)
-        ok, why = _trusted("triton", q, window, down_factor, config)
-        if ok:
-            return "triton"
-        failures.append(("triton", config, why))
-    chosen = "torch"
-    if flex_supported(q) is None:
-        ok, why = _trusted("flex", q, window, down_factor, down_factor > 1)
-        if ok:
-            chosen = "flex"
-        else:
-            failures.append(("flex", None, why))
-    warn_key = tuple((name, config) for name, config, _ in failures) + (str(q.device), q.dtype, q.shape[-1])
-    if failures and warn_key not in _WARNED:
-        _WARNED.add(warn_key)
-        import importlib.metadata as md
+def _note_choice(q, variant, backend, reason):
+    """One INFO line per (device, dtype, head_dim, variant) and backend choice."""
+    key = (str(q.device), q.dtype, q.shape[-1], variant)
+    if _CHOICES.get(key, (None,))[1:] != (backend, reason):
+        desc = f"{_device_name(q.device)}, {str(q.dtype).replace('torch.', '')}, head_dim {q.shape[-1]}, {variant}"
+        _CHOICES[key] = (desc, backend, reason)
+        log.info("CLEAR attention on %s: running %s (%s)", desc, _NAMES[backend], reason)
+
+
+def backend_choices():
+    """What "auto" chose so far in this process: {"<device>, <dtype>, head_dim
+    <n>, <variant>": (backend, reason)}, backend one of "triton", "flex",
+    "torch", "sdpa" (dense shortcut)."""
+    return {desc: (backend, reason) for desc, backend, reason in _CHOICES.values()}
+
+
+def _warn_once(key, message, *args):
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message, *args)
+
+
+def _versions():
+    import importlib.metadata as md
+    try:
+        triton_version = md.version("triton")
+    except md.PackageNotFoundError:
         try:
-            triton_version = md.version("triton")
+            triton_version = md.version("triton-windows")
         except md.PackageNotFoundError:
             triton_version = "not installed"
-        reasons = "; ".join(f"{name}: {why}" for name, _, why in failures)
-        log.warning("CLEAR attention: %s failed the first-use check on %s (Triton %s, torch %s, %s, head_dim %d, "
-                    "window %d, down_factor %d): %s. Running %s instead. Set %s=<triton|flex|torch> to force one.",
-                    " and ".join(name for name, _, _ in failures), _device_name(q.device), triton_version,
-                    torch.__version__, str(q.dtype).replace("torch.", ""), q.shape[-1], window, down_factor,
-                    reasons, "FlexAttention" if chosen == "flex" else "the torch path", BACKEND_ENV)
-    return chosen
+    return f"Triton {triton_version}, torch {torch.__version__}"
+
+
+def _run_auto(q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale):
+    """Triton if every kernel variant of this call passed its first-use check
+    here, else Flex if that did, else torch. A backend that fails while
+    running is distrusted and the next one runs: nothing but out-of-memory
+    reaches the sampler. One warning per failure set."""
+    variant = "local + pooled keys" if down_factor > 1 else "local keys"
+    args = (q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale)
+    if not _fast_device(q):
+        _note_choice(q, variant, "torch", f"{q.device.type} device: the compiled backends run on CUDA")
+        return _run_backend("torch", *args)
+    D = q.shape[-1]
+    failures, unsupported = [], []
+    out, chosen = None, "torch"
+    for name in ("triton", "flex"):
+        why = (triton_supported if name == "triton" else flex_supported)(q)
+        if why is not None:
+            unsupported.append((name, why))
+            continue
+        keys = []
+        try:
+            if name == "triton":
+                vet = functools.partial(_vet_triton, q.device, q.dtype, D, window, down_factor, keys)
+                out = _run_backend("triton", *args, vet=vet)
+            else:
+                key = ("flex", str(q.device), q.dtype, D, down_factor > 1)
+                keys.append(key)
+                if key not in _TRUST:
+                    why = _self_check("flex", q.device, q.dtype, D, window, down_factor)
+                    _TRUST[key] = None if why is None else f"first-use check: {why}"
+                if _TRUST[key] is not None:
+                    raise _Untrusted(_TRUST[key])
+                out = _run_backend("flex", *args)
+        except _Untrusted as exc:
+            failures.append((name, str(exc)))
+            continue
+        except torch.cuda.OutOfMemoryError:
+            raise  # not the backend's fault: ComfyUI handles it
+        except Exception as exc:  # compile or launch error mid-sampling: distrust this variant, run the next
+            why = f"failed while running: {_short(exc)}"
+            for key in keys:
+                _TRUST[key] = why
+            failures.append((name, why))
+            continue
+        chosen = name
+        break
+    if out is None:
+        out = _run_backend("torch", *args)
+    if failures:
+        _warn_once(("failed", tuple(failures), str(q.device), q.dtype, D),
+                   "CLEAR attention: %s failed on %s (%s, %s, head_dim %d, window %d, down_factor %d): %s. "
+                   "Running %s instead. Set %s=<triton|flex|torch> to force one.",
+                   " and ".join(name for name, _ in failures), _device_name(q.device), _versions(),
+                   str(q.dtype).replace("torch.", ""), D, window, down_factor,
+                   "; ".join(f"{name}: {why}" for name, why in failures), _NAMES[chosen], BACKEND_ENV)
+    order = ("triton", "flex", "torch")
+    for name, why in unsupported:
+        if order.index(name) < order.index(chosen):  # a faster backend that cannot run here
+            _warn_once(("unsupported", name, why, str(q.device)), "CLEAR attention on %s: %s; running %s.",
+                       _device_name(q.device), why, _NAMES[chosen])
+    if chosen == "triton":
+        reason = "passed its first-use self-check"
+    else:
+        skipped = [f"{name}: {why}" for name, why in unsupported + failures if order.index(name) < order.index(chosen)]
+        reason = "; ".join(skipped) + ("; FlexAttention passed its first-use self-check" if chosen == "flex" else "")
+    _note_choice(q, variant, chosen, reason)
+    return out
+
+
+def is_dense(grid, window, down_factor):
+    """Whether CLEAR's mask is exactly dense attention: no pooled keys and a
+    radius past the grid's diagonal ((h-1)^2 + (w-1)^2 < r^2)."""
+    h, w = grid
+    return down_factor == 1 and (h - 1) ** 2 + (w - 1) ** 2 < window * window
+
+
+def _output_layout(out):
+    """``out`` as a (B, H, L, D) view of (B, L, H, D) memory, the layout the
+    op's fake implementation promises (a copy only where a backend returned
+    another one; Triton and flash SDPA already do). Eager calls skip this:
+    the override's reshape makes the same copy, without an extra buffer."""
+    B, H, L, D = out.shape
+    want = _empty_strides(B, H, L, D)
+    if tuple(out.stride()) == want:
+        return out
+    res = torch.empty((B, L, H, D), dtype=out.dtype, device=out.device).transpose(1, 2)
+    res.copy_(out)
+    return res
+
+
+def _empty_strides(B, H, L, D):
+    return (L * H * D, D, H * D, 1)
+
+
+def _clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor, spatial_weight, scale, backend):
+    """The op's implementation: backend choice, self-check, pooling and the
+    run. Never traced by torch.compile."""
+    grid = (grid_h, grid_w)
+    if backend == "auto":
+        forced = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+        if forced not in BACKENDS:
+            raise ValueError(f"clear_attention: environment variable {BACKEND_ENV}={forced!r} is not one of {BACKENDS}")
+        backend = forced
+    if backend == "triton" or backend == "flex":
+        reason = (triton_supported if backend == "triton" else flex_supported)(q)
+        if reason is not None:
+            raise ValueError(f"clear_attention: backend={backend!r} cannot run here: {reason}. "
+                             "Use backend='auto' or 'torch'.")
+    if backend == "auto" and is_dense(grid, window, down_factor):
+        _note_choice(q, "dense (window covers the grid)", "sdpa", "the window covers the whole grid")
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    pooled_k = pooled_v = None
+    if down_factor > 1:
+        T = text_len
+        pooled_k = pool_image_tokens(k[:, :, T:], grid, down_factor, spatial_weight)
+        pooled_v = pool_image_tokens(v[:, :, T:], grid, down_factor, spatial_weight)
+
+    args = (q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale)
+    if backend == "auto":
+        return _run_auto(*args)
+    return _run_backend(backend, *args)
+
+
+def _register_op():
+    """``torch.ops.comfyui_clear.clear_attention``; a re-import of this module
+    (reload) finds it defined and reuses it (its implementation looks this
+    module up at call time)."""
+    try:
+        return torch.ops.comfyui_clear.clear_attention.default
+    except AttributeError:
+        pass
+    if not hasattr(torch.library, "custom_op"):  # torch < 2.4: no compiler-safe op, plain call
+        return _clear_attention_impl
+    module = __name__
+
+    @torch.library.custom_op("comfyui_clear::clear_attention", mutates_args=())
+    def clear_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int, grid_h: int,
+                           grid_w: int, window: int, down_factor: int, spatial_weight: Optional[torch.Tensor],
+                           scale: float, backend: str) -> torch.Tensor:
+        impl = sys.modules[module]
+        return impl._output_layout(impl._clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor,
+                                                              spatial_weight, scale, backend))
+
+    @clear_attention_op.register_fake
+    def _(q, k, v, text_len, grid_h, grid_w, window, down_factor, spatial_weight, scale, backend):
+        B, H, L, D = q.shape
+        return q.new_empty((B, L, H, D)).transpose(1, 2)
+
+    return torch.ops.comfyui_clear.clear_attention.default
+
+
+_OP = _register_op()
 
 
 def clear_attention(q, k, v, *, text_len, grid, window, down_factor=1, spatial_weight=None, scale=None,
@@ -227,35 +438,27 @@ def clear_attention(q, k, v, *, text_len, grid, window, down_factor=1, spatial_w
     down_factor d > 1, every pooled key (d x d blocks reduced by
     ``spatial_weight``, default mean; partial edge blocks are edge-padded).
     Text queries see every text and image key. scale defaults to
-    1/sqrt(head_dim). backend: "auto" (on CUDA: Triton if it passes a
-    first-use self-check, else FlexAttention if that does, else torch; the
-    environment variable CLEAR_ATTENTION_BACKEND overrides "auto"), "torch",
-    "triton" or "flex" (forced: no self-check). Returns a tensor of q's shape
-    and dtype.
+    1/sqrt(head_dim). backend: "auto" (where the mask is dense, SDPA; on
+    CUDA: Triton if it passes a first-use self-check, else FlexAttention if
+    that does, else torch; the environment variable CLEAR_ATTENTION_BACKEND
+    overrides "auto"), "torch", "triton" or "flex" (forced: no self-check).
+    Returns a tensor of q's shape and dtype; from Triton (and, under
+    torch.compile, from every backend) a (B, H, L, D) view of (B, L, H, D)
+    memory, so ``out.transpose(1, 2)`` is contiguous.
+    Safe under torch.compile (one opaque custom op).
     """
     _check_inputs(q, k, v, text_len, grid, window, down_factor, spatial_weight, scale, backend)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    scale = float(scale)
-    grid = (int(grid[0]), int(grid[1]))
+    # Traced code gets the opaque op; eager calls run its implementation
+    # directly (same result, no dispatcher round trip, and dispatch modes,
+    # such as the memory tests' LiveBytes, see every tensor it makes).
+    run = _OP if _is_compiling() else _clear_attention_impl
+    return run(q, k, v, text_len, grid[0], grid[1], window, down_factor, spatial_weight, float(scale), backend)
 
-    if backend == "auto":
-        forced = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-        if forced not in BACKENDS:
-            raise ValueError(f"clear_attention: environment variable {BACKEND_ENV}={forced!r} is not one of {BACKENDS}")
-        backend = forced
-    if backend == "triton" or backend == "flex":
-        reason = (triton_supported if backend == "triton" else flex_supported)(q)
-        if reason is not None:
-            raise ValueError(f"clear_attention: backend={backend!r} cannot run here: {reason}. "
-                             "Use backend='auto' or 'torch'.")
 
-    pooled_k = pooled_v = None
-    if down_factor > 1:
-        T = text_len
-        pooled_k = pool_image_tokens(k[:, :, T:], grid, down_factor, spatial_weight)
-        pooled_v = pool_image_tokens(v[:, :, T:], grid, down_factor, spatial_weight)
-
-    if backend == "auto":
-        backend = _auto_backend(q, window, down_factor)
-    return _run_backend(backend, q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale)
+def _is_compiling():
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False

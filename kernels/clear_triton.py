@@ -80,15 +80,22 @@ def _attend_all_keys(q, k_base, v_base, skl, skd, svl, svd, n_keys, qk_scale, m_
 
 # Shape ints are not specialised (the launcher would otherwise compile a new
 # variant when one is 1 or a multiple of 16: a stall whenever the image size
-# changes); strides stay specialised, they decide vectorised loads.
-@triton.jit(do_not_specialize=["H", "T", "h", "w", "R", "P"])
+# changes); strides stay specialised, they decide vectorised loads. There is
+# no batch stride: one launch per batch element, from that element's base
+# pointer, so no stride argument reaches 2**31 for FLUX shapes (the single
+# block's v, a slice of linear1's output, has a batch stride of ~5.6e9 at 8K)
+# and the kernel has one 32-bit-stride variant (``launch_variant``).
+DO_NOT_SPECIALIZE = ("H", "T", "h", "w", "R", "P")
+
+
+@triton.jit(do_not_specialize=list(DO_NOT_SPECIALIZE))
 def _clear_image_rows_kernel(
     Q, K, V, KP, VP, Out, Offsets, Ranges,
-    sqb, sqh, sql, sqd,
-    skb, skh, skl, skd,
-    svb, svh, svl, svd,
-    spb, sph, spl, spd,
-    sob, soh, sol, sod,
+    sqh, sql, sqd,
+    skh, skl, skd,
+    svh, svl, svd,
+    sph, spl, spd,
+    soh, sol, sod,
     H, T, h, w, R, P, qk_scale,
     HEAD_DIM: tl.constexpr, TILE_Y: tl.constexpr, TILE_X: tl.constexpr, KEY_Y: tl.constexpr,
     KEY_X: tl.constexpr, BLOCK_T: tl.constexpr, HAS_POOL: tl.constexpr, PRECISION: tl.constexpr,
@@ -97,9 +104,7 @@ def _clear_image_rows_kernel(
     BLOCK_M: tl.constexpr = TILE_Y * TILE_X
     BLOCK_N: tl.constexpr = KEY_Y * KEY_X
     pid_tile = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    hd = (pid_bh % H).to(tl.int64)
+    hd = tl.program_id(1).to(tl.int64)
     tiles_x = tl.cdiv(w, TILE_X)
     tile_y = pid_tile // tiles_x
     tile_x = pid_tile % tiles_x
@@ -112,10 +117,10 @@ def _clear_image_rows_kernel(
     q_valid = (qy < h) & (qx < w)
     q_rows = (T + qy * w + qx).to(tl.int64)
 
-    q = tl.load(Q + b * sqb + hd * sqh + q_rows[:, None] * sql + offs_d[None, :] * sqd,
+    q = tl.load(Q + hd * sqh + q_rows[:, None] * sql + offs_d[None, :] * sqd,
                 mask=q_valid[:, None], other=0.0)
-    k_base = K + b * skb + hd * skh
-    v_base = V + b * svb + hd * svh
+    k_base = K + hd * skh
+    v_base = V + hd * svh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -147,12 +152,12 @@ def _clear_image_rows_kernel(
 
     # 3. pooled keys
     if HAS_POOL:
-        m_i, l_i, acc = _attend_all_keys(q, KP + b * spb + hd * sph, VP + b * spb + hd * sph, spl, spd, spl, spd, P,
+        m_i, l_i, acc = _attend_all_keys(q, KP + hd * sph, VP + hd * sph, spl, spd, spl, spd, P,
                                          qk_scale, m_i, l_i, acc, BLOCK_T, HEAD_DIM, PRECISION, UPCAST)
 
     # Rows past the grid edge (never stored) may have seen no key: avoid 0/0.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(Out + b * sob + hd * soh + q_rows[:, None] * sol + offs_d[None, :] * sod,
+    tl.store(Out + hd * soh + q_rows[:, None] * sol + offs_d[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=q_valid[:, None])
 
 
@@ -170,38 +175,97 @@ _SCHEDULES = {}
 
 
 def _device_schedule(grid, window, cfg, device):
-    """The tile schedule as int32 tensors on ``device``, built once per shape."""
+    """The tile schedule as int32 tensors on ``device``, built once per shape
+    (torch allocations: 16-byte aligned, like every pointer the kernel gets)."""
     key = (grid, window, cfg["TILE_Y"], cfg["TILE_X"], cfg["KEY_Y"], cfg["KEY_X"], str(device))
     if key not in _SCHEDULES:
         if len(_SCHEDULES) >= 64:  # a long session of many sizes: keep the cache small
             _SCHEDULES.clear()
         offsets, ranges = tile_schedule(grid, window, cfg)
-        _SCHEDULES[key] = (torch.from_numpy(offsets).to(device), torch.from_numpy(ranges).to(device))
+        _SCHEDULES[key] = tuple(torch.from_numpy(a).to(device=device, copy=True) for a in (offsets, ranges))
     return _SCHEDULES[key]
 
 
 def device_arch(device):
-    """Compute capability as an int (90 for sm_90), None off CUDA (interpreter)."""
+    """What the kernel configuration depends on: the compute capability as an
+    int on CUDA (90 for sm_90), the gfx architecture on ROCm ("gfx942" for an
+    MI300: ROCm reports capability 9.x for it, which is not a Hopper), None
+    off the GPU (interpreter)."""
+    device = torch.device(device)
     if device.type != "cuda":
         return None
+    if getattr(torch.version, "hip", None):
+        name = getattr(torch.cuda.get_device_properties(device), "gcnArchName", "") or "gfx"
+        return name.split(":")[0]  # "gfx942:sramecc+:xnack-" -> "gfx942"
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
 
 
-def image_rows_launch(q, k, v, out, kp, vp, offsets, ranges, *, text_len, grid, window, scale, cfg):
-    """(kernel, launch grid, args, kwargs) of the image-rows launch: the one
-    description both ``clear_attention_triton`` and the ahead-of-time compile
-    test (tests/test_kernel_compile.py) use."""
+_I32 = 2 ** 31
+
+
+def _strides(t):
+    """Strides of a per-batch (H, L, D) view as kernel arguments; a dimension of
+    size 1 is never stepped over, so its stride is passed as 0 (whatever torch
+    reports there: one variant, not one per accident of how the view was made)."""
+    return [s if n > 1 else 0 for s, n in zip(t.stride(), t.shape)]
+
+
+def is_canonical(x):
+    """Whether every per-batch view of ``x`` (B, H, L, D) launches the kernel's
+    one variant: base pointer 16-byte aligned, last stride 1, head and row
+    strides multiples of 16 below 2**31."""
+    B, H, L, D = x.shape
+    sb, sh, sl, sd = x.stride()
+    if D > 1 and sd != 1:
+        return False
+    if any(n > 1 and (s % 16 or s >= _I32) for s, n in ((sh, H), (sl, L))):
+        return False
+    base, size = x.data_ptr(), x.element_size()
+    return all((base + b * sb * size) % 16 == 0 for b in range(B))
+
+
+def canonical(x):
+    """``x``, or a contiguous copy of it where its layout would compile another
+    kernel variant (FLUX's q, k and v, including the single block's strided v,
+    never need one)."""
+    if is_canonical(x):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def prepare(q, k, v, pooled_k=None, pooled_v=None):
+    """(q, k, v, kp, vp) as the kernel takes them: ``canonical`` layouts, the
+    pooled tokens (or None) in q's dtype with one set of strides."""
+    q, k, v = canonical(q), canonical(k), canonical(v)
+    kp = vp = None
+    if pooled_k is not None:
+        # The kernel's dots take one dtype: round the (float32) pooled tokens
+        # like any other key/value of this call. kp and vp share strides (the
+        # kernel uses kp's).
+        kp = canonical(pooled_k.to(q.dtype).contiguous())
+        vp = canonical(pooled_v.to(q.dtype).contiguous())
+        if kp.stride() != vp.stride():
+            kp, vp = kp.clone(memory_format=torch.contiguous_format), vp.clone(memory_format=torch.contiguous_format)
+    return q, k, v, kp, vp
+
+
+def _empty_output(B, L, H, D, dtype, device):
+    """(B, H, L, D) view of (B, L, H, D) memory: the override's
+    ``out.transpose(1, 2).reshape(B, L, H * D)`` is then a view, not a copy."""
+    return torch.empty((B, L, H, D), dtype=dtype, device=device).transpose(1, 2)
+
+
+def image_rows_launches(q, k, v, out, kp, vp, offsets, ranges, *, text_len, grid, window, scale, cfg):
+    """[(kernel, launch grid, args, kwargs)], one launch per batch element
+    from that element's base pointer: the one description both
+    ``clear_attention_triton`` and the ahead-of-time compile test
+    (tests/test_kernel_compile.py) use. Inputs as ``canonical`` leaves them."""
     B, H, _, D = q.shape
     h, w = grid
     has_pool = kp is not None
-    if not has_pool:
-        kp = vp = q  # unused (HAS_POOL=False); any tensor with strides
     P = kp.shape[2] if has_pool else 0
     tiles = triton.cdiv(h, cfg["TILE_Y"]) * triton.cdiv(w, cfg["TILE_X"])
-    args = (q, k, v, kp, vp, out, offsets, ranges,
-            *q.stride(), *k.stride(), *v.stride(), *kp.stride(), *out.stride(),
-            H, text_len, h, w, window, P, scale * LOG2E)
     kwargs = dict(HEAD_DIM=D, TILE_Y=cfg["TILE_Y"], TILE_X=cfg["TILE_X"], KEY_Y=cfg["KEY_Y"], KEY_X=cfg["KEY_X"],
                   BLOCK_T=cfg["BLOCK_T"], HAS_POOL=has_pool,
                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -209,31 +273,139 @@ def image_rows_launch(q, k, v, out, kp, vp, offsets, ranges, *, text_len, grid, 
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("maxnreg"):
         kwargs["maxnreg"] = cfg["maxnreg"]
-    return _clear_image_rows_kernel, (tiles, B * H), args, kwargs
+    launches = []
+    for b in range(B):
+        qb, kb, vb, ob = q[b], k[b], v[b], out[b]
+        kpb, vpb = (kp[b], vp[b]) if has_pool else (qb, qb)  # unused (HAS_POOL=False); any tensor with strides
+        args = (qb, kb, vb, kpb, vpb, ob, offsets, ranges,
+                *_strides(qb), *_strides(kb), *_strides(vb), *_strides(kpb), *_strides(ob),
+                H, text_len, h, w, window, P, scale * LOG2E)
+        launches.append((_clear_image_rows_kernel, (tiles, H), args, kwargs))
+    return launches
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+                 torch.int64: "i64", torch.float64: "fp64"}
+
+
+def _specialize_py(value, specialize):
+    """Triton's launcher specialisation of one argument (type, attribute), for
+    a Triton without ``native_specialize_impl``; tests hold it against it."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_TYPES[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        kind = "i32" if -_I32 <= value < _I32 else ("u64" if value >= 2 ** 63 else "i64")
+        if not specialize:
+            return kind, None
+        if value == 1:
+            return "constexpr", 1
+        return kind, "D" if value % 16 == 0 else ""
+    if isinstance(value, float):
+        return "fp32", None
+    raise TypeError(f"no specialisation rule for {type(value).__name__}")
+
+
+def _native_specialize():
+    try:
+        from triton.backends.compiler import BaseBackend
+        from triton.runtime.jit import native_specialize_impl
+    except ImportError:
+        return None
+    return lambda value, specialize: tuple(native_specialize_impl(BaseBackend, value, False, specialize, True))
+
+
+_specialize = _native_specialize() or _specialize_py
+
+
+_PARAMS = {}
+
+
+def _param_names():
+    fn = _clear_image_rows_kernel.fn
+    if fn not in _PARAMS:
+        import inspect
+        _PARAMS[fn] = list(inspect.signature(fn).parameters)
+    return _PARAMS[fn]
+
+
+def launch_variant(args, kwargs, arch):
+    """Everything that makes Triton compile a separate binary for one launch,
+    as its launcher specialises the arguments (type: i32/i64, pointer dtype;
+    attribute: equal to 1, divisible by 16, pointer 16-byte aligned), the
+    constexprs and compile options, and the GPU arch. Two launches with one
+    variant run the same machine code."""
+    spec = tuple((name, *_specialize(value, name not in DO_NOT_SPECIALIZE))
+                 for name, value in zip(_param_names(), args))
+    return arch, spec, tuple(sorted(kwargs.items()))
+
+
+def describe_variant(variant):
+    """A short human description of a ``launch_variant``."""
+    arch, spec, options = variant
+    o = dict(options)
+    types = {name: kind for name, kind, _ in spec}
+    ints = [(kind, attr) for name, kind, attr in spec if name.startswith("s")]
+    strides = ("32-bit" if all(kind in ("i32", "constexpr") for kind, _ in ints) else "64-bit") + " strides"
+    return (f"{types['Q'][1:]} head_dim {o['HEAD_DIM']}, {'with' if o['HAS_POOL'] else 'no'} pooled keys, "
+            f"{o['TILE_Y']}x{o['TILE_X']} tiles, {o['KEY_Y']}x{o['KEY_X']} key blocks, {o['num_warps']} warps, "
+            f"{o['num_stages']} stages, {strides}, arch {arch}")
+
+
+_RECORDERS = []
+
+
+class recorded_variants:
+    """Context manager: the set of ``launch_variant`` s launched inside it (the
+    dispatcher trusts a variant only if its self-check launched it)."""
+
+    def __enter__(self):
+        self.seen = set()
+        _RECORDERS.append(self.seen)
+        return self.seen
+
+    def __exit__(self, *exc):
+        _RECORDERS.remove(self.seen)
 
 
 def clear_attention_triton(q, k, v, *, text_len, grid, window, pooled_k=None, pooled_v=None, scale, cfg=None,
-                           down_factor=None):
+                           down_factor=None, vet=None):
     """CLEAR attention on validated inputs; see ``comfyui_clear.kernels.clear_attention``.
-    ``cfg`` overrides ``kernel_config`` (tests use small tiles)."""
-    D = q.shape[-1]
+    ``cfg`` overrides ``kernel_config`` (tests use small tiles). ``vet``, if
+    given, gets the set of ``launch_variant`` s before anything runs and may
+    raise to stop the call (the dispatcher's trust check). Returns a
+    (B, H, L, D) view of (B, L, H, D) memory. Runs under the tensors' CUDA
+    device (Triton launches on the current device)."""
+    from . import device_guard
+
+    B, H, L, D = q.shape
     T = text_len
-    out = torch.empty_like(q)
-    if T > 0:
-        out[:, :, :T] = _text_rows(q, k, v, T, scale).to(q.dtype)
+    with device_guard(q.device):
+        q, k, v, kp, vp = prepare(q, k, v, pooled_k, pooled_v)
+        arch = device_arch(q.device)
+        if cfg is None:
+            d = down_factor if down_factor is not None else (1 if kp is None else 2)
+            cfg = kernel_config(D, window, d, arch)
+        offsets, ranges = _device_schedule(grid, window, cfg, q.device)
 
-    kp = vp = None
-    if pooled_k is not None:
-        # The kernel's dots take one dtype: round the (float32) pooled tokens
-        # like any other key/value of this call.
-        kp = pooled_k.to(q.dtype).contiguous()
-        vp = pooled_v.to(q.dtype).contiguous()  # same strides as kp (the kernel uses kp's)
+        def launches_into(out):
+            return image_rows_launches(q, k, v, out, kp, vp, offsets, ranges, text_len=T, grid=grid, window=window,
+                                       scale=scale, cfg=cfg)
 
-    if cfg is None:
-        d = down_factor if down_factor is not None else (1 if kp is None else 2)
-        cfg = kernel_config(D, window, d, device_arch(q.device))
-    offsets, ranges = _device_schedule(grid, window, cfg, q.device)
-    kernel, launch_grid, args, kwargs = image_rows_launch(q, k, v, out, kp, vp, offsets, ranges, text_len=T,
-                                                          grid=grid, window=window, scale=scale, cfg=cfg)
-    kernel[launch_grid](*args, **kwargs)
+        # Variants from a meta output (allocations are aligned, as a real one
+        # is): a distrusted call allocates nothing before it falls back.
+        variants = {launch_variant(args, kwargs, arch)
+                    for _, _, args, kwargs in launches_into(_empty_output(B, L, H, D, q.dtype, "meta"))}
+        if vet is not None:
+            vet(variants)
+        for seen in _RECORDERS:
+            seen.update(variants)
+        out = _empty_output(B, L, H, D, q.dtype, q.device)
+        launches = launches_into(out)
+        assert {launch_variant(args, kwargs, arch) for _, _, args, kwargs in launches} == variants
+        if T > 0:
+            out[:, :, :T] = _text_rows(q, k, v, T, scale).to(q.dtype)
+        for kernel, launch_grid, args, kwargs in launches:
+            kernel[launch_grid](*args, **kwargs)
     return out

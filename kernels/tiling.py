@@ -24,12 +24,17 @@ import numpy as np
 
 def kernel_config(head_dim, window, down_factor=1, arch=None):
     """The launch configuration for one call: tile and key-block shapes,
-    text/pooled chunk, warps and pipeline stages. ``arch`` is the compute
-    capability as an int (80, 86, 89, 90, 120, ...) or None (interpreter).
+    text/pooled chunk, warps and pipeline stages. ``arch`` is what
+    ``clear_triton.device_arch`` returns: the CUDA compute capability as an
+    int (80, 86, 89, 90, 120, ...), a ROCm gfx name ("gfx942", ...) or None
+    (interpreter). ROCm is told apart by that name, never by a capability
+    number (ROCm reports 9.x for MI300).
 
     The one place to tune per GPU. Constraints proven by
-    tests/test_kernel_compile.py for every arch: no register spills and
-    shared memory within the arch's per-block limit.
+    tests/test_kernel_compile.py for every NVIDIA arch: no register spills,
+    shared memory within the arch's per-block limit, tensor cores for every
+    dot. ROCm configs are not compile-checked (the first-use self-check
+    still guards them).
     """
     # 8x8 query tiles (64 rows: the smallest wgmma M) with 8x8 key blocks;
     # at r > 16 with pooled keys, 2x8 key blocks follow the disc's rim closer
@@ -37,10 +42,19 @@ def kernel_config(head_dim, window, down_factor=1, arch=None):
     tile_y, tile_x = 8, 8
     key_y, key_x = (2, 8) if (window > 16 and down_factor > 1) or head_dim >= 256 else (8, 8)
     block_t = 64
-    hopper = arch is not None and arch // 10 == 9
     maxnreg = None
-    if head_dim <= 64 or hopper:
+    if isinstance(arch, str):
+        # AMD (64-lane wavefronts, 512 VGPRs): 4 warps; 2 stages is what
+        # Triton's AMD stream pipeliner expects. maxnreg is an NVIDIA option.
+        # Not yet measured on a GPU.
+        num_warps, num_stages = 4, 2
+    elif arch is not None and arch // 10 == 9:
         num_warps, num_stages = 4, 3
+    elif head_dim <= 64:
+        # sm_80/86/89: ptxas aims at three blocks per SM (168 registers) and
+        # spills 8-16 bytes (2 stages too); uncapped, no spill. sm_120 spills
+        # uncapped and not at its own choice.
+        num_warps, num_stages, maxnreg = 4, 3, (255 if arch in (80, 86, 89) else None)
     else:
         # sm_80/86/89/120 at head_dim 128: 4 warps spill (255 registers). With
         # 8 warps ptxas aims at two blocks per SM (128 registers) and spills

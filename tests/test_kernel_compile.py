@@ -1,13 +1,21 @@
-"""Ahead-of-time compile of every Triton launch the dispatcher can make for
-FLUX shapes, for each NVIDIA arch we target, on the CPU (no GPU needed).
+"""Ahead-of-time compile of every Triton kernel variant the dispatcher can
+launch for FLUX shapes, for each NVIDIA arch we target, on the CPU (no GPU
+needed).
 
-Launches are discovered, not listed: every radius and down factor the node
-allows goes through ``tiling.kernel_config`` and every FLUX-like shape through
-``clear_triton.image_rows_launch`` (the function the real launch uses), then
-through Triton's own launcher specialisation (ints equal to 1, divisibility by
-16) for a ``GPUTarget``; the distinct specialisations are compiled, in
-parallel. Each must use tensor cores (HGMMA on sm_90, HMMA elsewhere), spill
-nothing (ptxas -v) and fit the arch's shared memory per block.
+Variants are discovered, not listed: every radius and down factor the node
+allows goes through ``tiling.kernel_config``, every FLUX-like shape and layout
+(q/k/v contiguous, (B, L, H, D) memory, the single block's v as a slice of
+linear1's 21504-wide output, batch 2, up to 8K) through
+``clear_triton.prepare`` and ``clear_triton.image_rows_launches`` (what the
+real launch runs), then through Triton's own launcher specialisation (i32/i64,
+ints equal to 1, divisibility by 16, pointer alignment) for a ``GPUTarget``;
+the distinct specialisations are compiled, in parallel. The dispatcher's trust
+key (``clear_triton.launch_variant``) must see the same specialisation; no
+stride argument may be 64-bit. Each compile must run every ``tl.dot`` on
+tensor cores (each dot of the Triton IR is an MMA in the GPU IR, and the SASS
+holds at least the HMMA/HGMMA instructions those dots need), spill nothing
+(ptxas -v) and fit the arch's shared memory per block. head_dim 16/32/256
+are not compiled: ``triton_supported`` refuses them on the GPU.
 
 Compiles take seconds each: results are kept per (kernel source, Triton
 version, specialisation) in ``$CLEAR_AOT_CACHE`` (default
@@ -36,13 +44,15 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120:
 NODE_RADII = range(1, 257)  # the node's window_size range
 NODE_DOWN = range(1, 17)    # the node's down_factor range
 DTYPES = (torch.bfloat16, torch.float16)  # on CUDA the Triton backend takes half precision only
-# FLUX-like shapes: (heads, head_dim), text lengths, grids (incl. odd), q/k/v layouts.
+HEAD_DIMS = (64, 128)  # what triton_supported accepts on the GPU (test_supported_head_dims_are_compiled)
+# FLUX-like shapes: (heads, head_dim), text lengths, grids (incl. odd, and 8K), batch sizes, q/k/v layouts.
 HEADS = ((24, 128), (48, 64))
 TEXT = (512, 256, 333)
 GRIDS = ((64, 64), (63, 95), (512, 512))
-LAYOUTS = ("bhld", "blhd")  # (B, H, L, D) contiguous, or (B, L, H, D) memory viewed as (B, H, L, D)
-
-
+BATCHES = (1, 2)
+LAYOUTS = ("bhld", "blhd", "single")
+LINEAR1_WIDTH = 3 * 3072 + 4 * 3072  # FLUX single block: q, k, v and the MLP input in one linear
+RESULT_FORMAT = 2  # bump when compile_and_inspect reports new fields
 def _bin(name):
     try:
         import triton.backends.nvidia as nv
@@ -53,66 +63,98 @@ def _bin(name):
 
 
 def _meta(shape, dtype, layout):
+    """q, k, v of one layout, on the meta device, and the byte offsets of each
+    batch element's base (meta pointers are 0: alignment is checked on these)."""
     B, H, L, D = shape
+    if layout == "single":  # q, k after RoPE: contiguous; v a strided slice of linear1's output
+        qk = torch.empty(B, H, L, D, dtype=dtype, device="meta")
+        buf = torch.empty(B, L, LINEAR1_WIDTH, dtype=dtype, device="meta")
+        v = buf[..., :3 * H * D].view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)[2]
+        return qk, qk, v
     if layout == "blhd":
-        return torch.empty(B, L, H, D, dtype=dtype, device="meta").transpose(1, 2)
-    return torch.empty(B, H, L, D, dtype=dtype, device="meta")
+        x = torch.empty(B, L, H, D, dtype=dtype, device="meta").transpose(1, 2)
+    else:
+        x = torch.empty(B, H, L, D, dtype=dtype, device="meta")
+    return x, x, x
+
+
+def _base_offsets(x):
+    return [(x.storage_offset() + b * x.stride(0)) * x.element_size() for b in range(x.shape[0])]
 
 
 def discover_launches():
-    """Distinct (arch, specialisation) compiles over everything the dispatcher can launch for FLUX."""
+    """Distinct (arch, specialisation) compiles over everything the dispatcher
+    can launch for FLUX, and any disagreement between Triton's launcher and
+    the dispatcher's ``launch_variant``."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     from comfyui_clear.kernels import clear_triton, tiling
 
-    jobs = {}
+    jobs, problems, seen = {}, [], set()
+    kernel = clear_triton._clear_image_rows_kernel
+    names = clear_triton._param_names()
     for arch in SMEM_LIMIT:
         target = GPUTarget("cuda", arch, 32)
         backend = make_backend(target)
-        kernel = clear_triton._clear_image_rows_kernel
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         for heads, head_dim in HEADS:
-            # one representative (r, d) per distinct config and per int class of r
+            # one representative (r, d) per distinct config and per int class of r and d
             reps = {}
             for r in NODE_RADII:
                 for d in NODE_DOWN:
                     cfg = tiling.kernel_config(head_dim, r, d, arch)
-                    reps.setdefault((tuple(sorted(cfg.items())), d > 1, r == 1, r % 16 == 0), (r, d, cfg))
+                    reps.setdefault((tuple(sorted(cfg.items())), d > 1, r == 1, r % 16 == 0, d % 16 == 0),
+                                    (r, d, cfg))
             for r, d, cfg in reps.values():
                 for dtype in DTYPES:
                     for T in TEXT:
                         for h, w in GRIDS:
-                            for layout in LAYOUTS:
-                                L = T + h * w
-                                q = _meta((1, heads, L, head_dim), dtype, layout)
-                                out = torch.empty_like(q)
-                                kp = None
-                                if d > 1:
-                                    P = tiling.pooled_count(h, w, d)
-                                    kp = torch.empty(1, heads, P, head_dim, dtype=dtype, device="meta")
-                                offsets = torch.empty(64, 2, dtype=torch.int32, device="meta")
-                                ranges = torch.empty(64, 2, dtype=torch.int32, device="meta")
-                                _, _, args, kwargs = clear_triton.image_rows_launch(
-                                    q, q, q, out, kp, kp, offsets, ranges, text_len=T, grid=(h, w), window=r,
-                                    scale=head_dim ** -0.5, cfg=cfg)
-                                kwargs["UPCAST"] = False  # what a CUDA launch passes
-                                bound, spec, opts = binder(*args, **kwargs)
-                                options, signature, constexprs, attrs = kernel._pack_args(
-                                    backend, kwargs, bound, spec, opts)
-                                key = repr((arch, sorted(signature.items()), sorted(constexprs.items()),
-                                            sorted(attrs.items()), sorted(options.__dict__.items())))
-                                jobs.setdefault(key, dict(arch=arch, signature=signature, constexprs=constexprs,
-                                                          attrs=attrs, options=options.__dict__,
-                                                          example=f"head_dim {head_dim} {dtype} r {r} d {d} "
-                                                                  f"T {T} grid {h}x{w} {layout}"))
-    return jobs
+                            for B in BATCHES:
+                                for layout in LAYOUTS:
+                                    L = T + h * w
+                                    q, k, v = _meta((B, heads, L, head_dim), dtype, layout)
+                                    if any(off % 16 for t in (q, k, v) for off in _base_offsets(t)):
+                                        problems.append(f"{layout}: a batch element's base is not 16-byte aligned")
+                                    pk = None
+                                    if d > 1:  # pool_image_tokens gives float32 (B, H, P, D)
+                                        pk = torch.empty(B, heads, tiling.pooled_count(h, w, d), head_dim,
+                                                         device="meta")
+                                    q, k, v, kp, vp = clear_triton.prepare(q, k, v, pk, pk)
+                                    out = clear_triton._empty_output(B, L, heads, head_dim, dtype, "meta")
+                                    offsets = torch.empty(64, 2, dtype=torch.int32, device="meta")
+                                    launches = clear_triton.image_rows_launches(
+                                        q, k, v, out, kp, vp, offsets, offsets, text_len=T, grid=(h, w), window=r,
+                                        scale=head_dim ** -0.5, cfg=cfg)
+                                    example = (f"head_dim {head_dim} {dtype} r {r} d {d} T {T} grid {h}x{w} "
+                                               f"B {B} {layout}")
+                                    for _, _, args, kwargs in launches:
+                                        kwargs = {**kwargs, "UPCAST": False}  # what a CUDA launch passes
+                                        bound, spec, opts = binder(*args, **kwargs)
+                                        _, ours, _ = clear_triton.launch_variant(args, kwargs, arch)
+                                        theirs = tuple((n, *s) for n, s in zip(names, spec) if s[0] != "constexpr"
+                                                       or n not in dict(kwargs))
+                                        if ours != theirs:
+                                            problems.append(f"{example}: launch_variant {ours} != launcher {theirs}")
+                                        spec_key = (arch, repr(spec), repr(sorted(kwargs.items())))
+                                        if spec_key in seen:  # Triton's own cache key: nothing new to pack
+                                            continue
+                                        seen.add(spec_key)
+                                        options, signature, constexprs, attrs = kernel._pack_args(
+                                            backend, kwargs, bound, spec, opts)
+                                        key = repr((arch, sorted(signature.items()), sorted(constexprs.items()),
+                                                    sorted(attrs.items()), sorted(options.__dict__.items())))
+                                        jobs.setdefault(key, dict(arch=arch, signature=signature,
+                                                                  constexprs=constexprs, attrs=attrs,
+                                                                  options=options.__dict__, example=example,
+                                                                  has_pool=d > 1))
+    return jobs, problems
 
 
 def _source_hash():
     from comfyui_clear.kernels import clear_triton, tiling
-    h = hashlib.sha256(triton.__version__.encode())
+    h = hashlib.sha256(f"{triton.__version__} {RESULT_FORMAT}".encode())
     for mod in (clear_triton, tiling):
         with open(mod.__file__, "rb") as f:
             h.update(f.read())
@@ -153,7 +195,33 @@ def compile_and_inspect(job):
     return dict(shared=ck.metadata.shared, regs=max(regs) if regs else None, spill_bytes=sum(spills),
                 spill_reported=bool(spills), hgmma=len(re.findall(r"\bHGMMA\.", sass)),
                 hmma=len(re.findall(r"\bHMMA\.", sass)), num_warps=ck.metadata.num_warps,
-                num_stages=ck.metadata.num_stages)
+                num_stages=ck.metadata.num_stages, **dot_report(ck.asm["ttir"], ck.asm["ttgir"], ck.metadata.num_warps))
+
+
+def dot_report(ttir, ttgir, num_warps):
+    """Every dot of the Triton IR and how the GPU IR lowered it: an MMA layout
+    (version 2: mma.sync, HMMA; version 3: wgmma, HGMMA) or not (FMA), and the
+    fewest tensor-core instructions per warp the MMA dots need (16-bit inputs:
+    HMMA m16n8k16; HGMMA m64nNk16 per warpgroup)."""
+    encodings = {name: (int(major), [int(x) for x in shape.split(",")])
+                 for name, major, shape in re.findall(
+                     r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+),.*?instrShape = \[([\d, ]+)\]", ttgir, re.M)}
+    dots, need = [], {"hmma": 0, "hgmma": 0}
+    for line in ttgir.splitlines():
+        if not re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", line):
+            continue
+        types = line.split(" : ", 1)[1]
+        M, K = (int(x) for x in re.search(r"<(\d+)x(\d+)x", types).groups())
+        res = re.search(r"-> tensor<(\d+)x(\d+)xf32, #(\w+)", types)
+        N, enc = int(res.group(2)), res.group(3)
+        version, instr = encodings.get(enc, (None, None))
+        dots.append([M, N, K, version])
+        if version == 2:
+            need["hmma"] += (M // 16) * (N // 8) * (K // 16) // num_warps
+        elif version == 3:
+            need["hgmma"] += (M // 64) * (N // instr[1]) * (K // 16) // max(1, num_warps // 4)
+    return dict(ttir_dots=len(re.findall(r"= tt\.dot ", ttir)), dots=dots, hmma_min=need["hmma"],
+                hgmma_min=need["hgmma"])
 
 
 @contextlib.contextmanager
@@ -196,16 +264,41 @@ def compiled():
     if _bin("ptxas") is None or _bin("cuobjdump") is None:
         pytest.skip("Triton's bundled ptxas/cuobjdump are absent (triton/backends/nvidia/bin)")
     with _compiler_processes() as pool:
-        jobs = pool.submit(discover_launches).result()
-        return jobs, _cached_results(jobs, pool)
+        jobs, problems = pool.submit(discover_launches).result()
+        return jobs, _cached_results(jobs, pool), problems
 
 
 def test_launches_discovered(compiled):
-    jobs, _ = compiled
+    jobs, _, problems = compiled
+    assert not problems, "\n".join(problems[:20])
     archs = {job["arch"] for job in jobs.values()}
     assert archs == set(SMEM_LIMIT)
     head_dims = {job["constexprs"][(list(job["signature"]).index("HEAD_DIM"),)] for job in jobs.values()}
-    assert head_dims == {64, 128}
+    assert head_dims == set(HEAD_DIMS)
+    # with and without pooled keys, both key-block shapes, both half types, per arch
+    for arch in SMEM_LIMIT:
+        kinds = {(job["has_pool"], job["signature"]["Q"]) for job in jobs.values() if job["arch"] == arch}
+        assert kinds == {(p, t) for p in (False, True) for t in ("*bf16", "*fp16")}
+    wide = [(job["example"], name) for job in jobs.values() for name, kind in job["signature"].items()
+            if kind in ("i64", "u64")]
+    assert not wide, f"64-bit kernel arguments (batch strides must stay out of the kernel): {wide[:5]}"
+
+
+def test_supported_head_dims_are_compiled(monkeypatch):
+    """triton_supported accepts on the GPU exactly the head_dims compiled here."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from comfyui_clear import kernels
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        with FakeTensorMode():
+            accepted = {D for D in (16, 32, 64, 96, 128, 256)
+                        if kernels.triton_supported(torch.empty(1, 24, 8, D, device="cuda", dtype=torch.bfloat16))
+                        is None}
+    assert accepted == set(HEAD_DIMS)
 
 
 def report(jobs, results):
@@ -220,16 +313,25 @@ def report(jobs, results):
 
 
 def test_every_launch_compiles_clean(compiled):
-    jobs, results = compiled
+    jobs, results, _ = compiled
     print(report(jobs, results))  # shown with pytest -s
     bad = []
     for key, job in jobs.items():
         res, arch = results[key], job["arch"]
         problems = []
-        if arch == 90 and res["hgmma"] == 0:
-            problems.append("no HGMMA in SASS")
-        if arch != 90 and res["hmma"] == 0:
-            problems.append("no HMMA in SASS")
+        sites = 6 if job["has_pool"] else 4  # Q K^T and P V for text, local and pooled keys
+        if res["ttir_dots"] != sites or len(res["dots"]) != sites:
+            problems.append(f"{res['ttir_dots']} dots in TTIR, {len(res['dots'])} in TTGIR, {sites} in the source")
+        fma = [dot for dot in res["dots"] if dot[3] is None]
+        if fma:
+            problems.append(f"dots not on tensor cores (M, N, K): {[dot[:3] for dot in fma]}")
+        if arch == 90 and any(dot[3] != 3 for dot in res["dots"]):
+            problems.append(f"dots not on wgmma: {[dot[:3] for dot in res['dots'] if dot[3] != 3]}")
+        if res["hgmma"] < res["hgmma_min"] or res["hmma"] < res["hmma_min"]:
+            problems.append(f"SASS has {res['hgmma']} HGMMA / {res['hmma']} HMMA, the dots need at least "
+                            f"{res['hgmma_min']} / {res['hmma_min']}")
+        if res["hgmma"] + res["hmma"] == 0:
+            problems.append("no tensor-core instruction in SASS")
         if not res["spill_reported"]:
             problems.append("ptxas reported no spill line")
         if res["spill_bytes"]:

@@ -23,12 +23,12 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 def poisoned_output(monkeypatch):
     """Every output buffer the kernel module allocates starts as NaN, so an
     element the kernel fails to write shows up."""
-    real_empty_like = torch.empty_like
+    real = clear_triton._empty_output
 
-    def nan_empty_like(t, *args, **kwargs):
-        return real_empty_like(t, *args, **kwargs).fill_(float("nan"))
+    def nan_output(*args, **kwargs):
+        return real(*args, **kwargs).fill_(float("nan"))
 
-    monkeypatch.setattr(clear_triton.torch, "empty_like", nan_empty_like)
+    monkeypatch.setattr(clear_triton, "_empty_output", nan_output)
 
 
 def _run(B, H, D, T, h, w, r, d=1, dtype=torch.float32, sw_shape=None):
