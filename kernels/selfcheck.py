@@ -67,9 +67,10 @@ def check_grid(window, down_factor):
     else:
         h = _round_up(r + 19, LATTICE, 3)
         w = max(21, _round_up(math.isqrt(4 * r) + 5, LATTICE, 5))
-    if d > 1:
-        while (-(-h // d)) * (-(-w // d)) <= 64 and (h * (w + LATTICE)) <= MAX_POOL_TOKENS:
-            w += LATTICE
+    if d > 1 and (-(-h // d)) * (-(-w // d)) <= 64:
+        wide = _round_up(d * (64 // -(-h // d) + 1), LATTICE, 5)  # columns for 65+ pooled keys
+        if h * wide <= MAX_POOL_TOKENS:
+            w = max(w, wide)
     return h, w
 
 
@@ -282,7 +283,7 @@ def check_cost(head_dim, window, down_factor):
     wy, wx = min(ty + 2 * (r - 1), h), min(tx + 2 * (r - 1), w)
     tiles = len({min(y, h - ty) for y in range(0, h, ty)}) * len({min(x, w - tx) for x in range(0, w, tx)})
     ref_pairs = T * L + tiles * ty * tx * (wy * wx + T + P)
-    flops = lambda n: 2 * 2 * 2 * n * D * B * H  # QK^T and PV, 2 FLOPs per MAC, two passes
+    flops = lambda n: 2 * 2 * n * D * B * (H + MIN_HEADS)  # QK^T and PV, 2 FLOPs per MAC; both passes
     return dict(grid=grid, text_len=T, batch=B, heads=H, tokens=L, pooled=P,
                 backend_flops=flops(pairs), reference_flops=flops(ref_pairs),
-                input_bytes=B * H * (3 * L + 2 * P) * D * 2)
+                input_bytes=B * (H + MIN_HEADS) * (3 * L + 2 * P) * D * 2)

@@ -253,61 +253,75 @@ def test_triton_passes_and_every_dropped_block_fails(monkeypatch):
 TALL = dict(TILE_Y=8, TILE_X=8, KEY_Y=2, KEY_X=8, BLOCK_T=64, num_warps=4, num_stages=1)
 
 
+try:
+    import triton
+    import triton.language as tl  # module level: the interpreter looks it up in the jit function's globals
+except ImportError:  # the mutation tests skip
+    triton = None
+
+_ATTEND = None  # the kernel's own text/pooled loop, while a test replaces it
+_SKIP_N = -1  # which loop skips a chunk: the one over this many keys
+
+
+if triton is not None:
+    @triton.jit
+    def _attend_skipping_a_chunk(q, k_base, v_base, skl, skd, svl, svd, n_keys, qk_scale, m_i, l_i, acc,
+                                 BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                                 UPCAST: tl.constexpr):
+        """The kernel's loop over keys [0, n_keys), but keys [64, 128) skipped
+        when n_keys == _SKIP_N (interpreter only: runs as Python)."""
+        if n_keys == _SKIP_N:
+            m_i, l_i, acc = _ATTEND(q, k_base, v_base, skl, skd, svl, svd, 64, qk_scale, m_i, l_i, acc,
+                                    BLOCK_T, HEAD_DIM, PRECISION, UPCAST)
+            if n_keys > 128:
+                m_i, l_i, acc = _ATTEND(q, k_base + 128 * skl, v_base + 128 * svl, skl, skd, svl, svd, n_keys - 128,
+                                        qk_scale, m_i, l_i, acc, BLOCK_T, HEAD_DIM, PRECISION, UPCAST)
+        else:
+            m_i, l_i, acc = _ATTEND(q, k_base, v_base, skl, skd, svl, svd, n_keys, qk_scale, m_i, l_i, acc,
+                                    BLOCK_T, HEAD_DIM, PRECISION, UPCAST)
+        return m_i, l_i, acc
+
+
 @pytest.fixture
 def skip_chunk(monkeypatch):
-    """Replace the kernel's text/pooled loop by one that skips keys [64, 128)
-    when it runs over ``which`` ('text': n_keys == TEXT_LEN, else pooled)."""
-    import triton
-    import triton.language as tl
+    """install(n): the kernel's text/pooled loop skips keys [64, 128) of the
+    loop over n keys (TEXT_LEN: a text chunk; P: a pooled chunk)."""
     from comfyui_clear.kernels import clear_triton
 
     original = clear_triton._attend_all_keys
 
-    def install(n_skip_for):
-        @triton.jit
-        def skipping(q, k_base, v_base, skl, skd, svl, svd, n_keys, qk_scale, m_i, l_i, acc,
-                     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-                     UPCAST: tl.constexpr):
-            if n_keys == n_skip_for:  # the interpreter runs this as Python: a plain int compare
-                m_i, l_i, acc = original(q, k_base, v_base, skl, skd, svl, svd, 64, qk_scale, m_i, l_i, acc,
-                                         BLOCK_T, HEAD_DIM, PRECISION, UPCAST)
-                if n_keys > 128:
-                    m_i, l_i, acc = original(q, k_base + 128 * skl, v_base + 128 * svl, skl, skd, svl, svd,
-                                             n_keys - 128, qk_scale, m_i, l_i, acc, BLOCK_T, HEAD_DIM,
-                                             PRECISION, UPCAST)
-            else:
-                m_i, l_i, acc = original(q, k_base, v_base, skl, skd, svl, svd, n_keys, qk_scale, m_i, l_i, acc,
-                                         BLOCK_T, HEAD_DIM, PRECISION, UPCAST)
-            return m_i, l_i, acc
-
-        monkeypatch.setattr(clear_triton, "_attend_all_keys", skipping)
+    def install(n_keys):
+        monkeypatch.setitem(globals(), "_ATTEND", original)
+        monkeypatch.setitem(globals(), "_SKIP_N", n_keys)
+        monkeypatch.setattr(clear_triton, "_attend_all_keys", _attend_skipping_a_chunk)
     return install
 
 
 @triton_needed
 def test_triton_pooled_tall_blocks_and_chunks(monkeypatch, skip_chunk):
-    """2x8 key blocks (the r > 16 pooled config) with pooled keys, float16:
-    passes; a random block dropped in every tile, a skipped text chunk and a
-    skipped pooled chunk each fail."""
+    """2x8 key blocks (the r > 16 pooled config) with pooled keys, float16: a
+    random block dropped in every tile fails every tile while the text rows
+    still pass; a skipped text chunk and a skipped pooled chunk each fail
+    check_backend. (The unmutated kernel passing: the test above.)"""
     from comfyui_clear.kernels import tiling
 
     dtype, d = torch.float16, 2
-    grid = check_grid(MUT_R, d)
-    assert math.ceil(grid[0] / d) * math.ceil(grid[1] / d) > 64 and selfcheck.TEXT_LEN > 64
+    T, grid = selfcheck.TEXT_LEN, check_grid(MUT_R, d)
+    P = math.ceil(grid[0] / d) * math.ceil(grid[1] / d)
+    assert P > 64 and T > 64, "one chunk only: nothing to skip"
     run = _triton_run(TALL)
-    assert check(run, dtype, MUT_D, MUT_R, d) is None
     _, ranges = tiling.tile_schedule(grid, MUT_R, TALL)
     rng = random.Random(0)
     drops = {t: rng.randrange(b - a) for t, (a, b) in enumerate(ranges.tolist())}
     _drop_blocks(monkeypatch, drops)
     ratio, why = coverage_ratios(run, device="cpu", dtype=dtype, head_dim=MUT_D, window=MUT_R, down_factor=d)
     assert why is None, why
-    per_tile = _tile_ratios(ratio, selfcheck.TEXT_LEN, grid)
+    assert ratio[:, :, :T].max() <= 1, "text rows (not mutated) fail: the check is not what catches the drops"
+    per_tile = _tile_ratios(ratio, T, grid)
     assert min(per_tile.values()) > 1, per_tile
     monkeypatch.undo()
 
-    P = math.ceil(grid[0] / d) * math.ceil(grid[1] / d)
-    for n_keys, what in ((selfcheck.TEXT_LEN, "text"), (P, "pooled")):
+    for n_keys, what in ((T, "text"), (P, "pooled")):
         skip_chunk(n_keys)
         why = check(run, dtype, MUT_D, MUT_R, d)
         assert why and "visits the wrong keys" in why and "image row" in why, (what, why)
