@@ -95,19 +95,19 @@ def coverage_plan(head_dim, window, grid, text_len=TEXT_LEN):
     raise AssertionError("unreachable")
 
 
-def _coverage_values(B, H, D, T, grid, g, torus):
+def _coverage_values(B, H, D, T, grid, g, torus, device="cpu"):
     """One-hot codes (B, H, L, D) in float32: token -> one (head, channel) slot
     per batch (batches use shifted slots, so a batch mix-up shows)."""
     h, w = grid
     my, mx = torus
-    y = torch.arange(h).repeat_interleave(w)
-    x = torch.arange(w).repeat(h)
+    y = torch.arange(h, device=device).repeat_interleave(w)
+    x = torch.arange(w, device=device).repeat(h)
     image_ids = (y // g % my) * mx + (x // g % mx)
-    text_ids = my * mx + torch.arange(T) // TEXT_LUMP
+    text_ids = my * mx + torch.arange(T, device=device) // TEXT_LUMP
     ids = torch.cat([text_ids, image_ids])
     slots = H * D
-    v = torch.zeros(B, H, T + h * w, D)
-    tokens = torch.arange(T + h * w)
+    v = torch.zeros(B, H, T + h * w, D, device=device)
+    tokens = torch.arange(T + h * w, device=device)
     for b in range(B):
         slot = (ids + b * (slots // 2 + 1)) % slots
         v[b, slot % H, tokens, slot // H] = 1.0
@@ -206,8 +206,8 @@ def coverage_ratios(run, *, device, dtype, head_dim, window, down_factor):
     None) or (None, reason) when ``run`` raises or returns non-finite values.
     A row passes when its ratio is <= 1."""
     p = _Problem(device, dtype, head_dim, window, down_factor)
-    zeros = torch.zeros(BATCH, p.heads, p.L, p.D)
-    values = _coverage_values(BATCH, p.heads, p.D, p.T, p.grid, p.g, p.torus)
+    zeros = torch.zeros(BATCH, p.heads, p.L, p.D, device=p.device)
+    values = _coverage_values(BATCH, p.heads, p.D, p.T, p.grid, p.g, p.torus, p.device)
     out, ref, why = p.run(run, *_comfy_layout(zeros, zeros, values, dtype, p.device))
     if why:
         return None, why
@@ -250,9 +250,9 @@ def _check(run, device, dtype, head_dim, window, down_factor):
     del ratio
 
     # 2. random inputs: per-row relative error (two heads suffice here)
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device=p.device).manual_seed(0)
     shape = (BATCH, MIN_HEADS, p.L, p.D)
-    out, ref, why = p.run(run, *_comfy_layout(*(torch.randn(shape, generator=gen) for _ in range(3)),
+    out, ref, why = p.run(run, *_comfy_layout(*(torch.randn(shape, generator=gen, device=p.device) for _ in range(3)),
                                               dtype=dtype, device=p.device))
     if why:
         return f"{why} (random pass)" if why == "non-finite output" else why

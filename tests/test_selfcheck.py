@@ -53,8 +53,9 @@ def test_problem_shape(r, d):
     if r <= 32:
         tile = math.ceil((r - 1) / 8)  # a tile whose disc reach stays inside the grid
         assert tile * 8 - (r - 1) >= 0 and tile * 8 + 7 + (r - 1) <= h - 1 and tile * 8 + 7 + (r - 1) <= w - 1
-    if d > 1:
-        assert math.ceil(h / d) * math.ceil(w / d) > 64 or h * w > selfcheck.MAX_POOL_TOKENS - 8 * h
+    if d > 1:  # two pooled chunks, unless that takes more than MAX_POOL_TOKENS tokens
+        rows = math.ceil(h / d)
+        assert rows * math.ceil(w / d) > 64 or h * d * (64 // rows + 1) > selfcheck.MAX_POOL_TOKENS
     assert selfcheck.TEXT_LEN > 64
 
 
