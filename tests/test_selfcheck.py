@@ -326,3 +326,35 @@ def test_triton_pooled_tall_blocks_and_chunks(monkeypatch, skip_chunk):
         skip_chunk(n_keys)
         why = check(run, dtype, MUT_D, MUT_R, d)
         assert why and "visits the wrong keys" in why and "image row" in why, (what, why)
+
+
+@pytest.mark.parametrize("mixup", ["batch", "head"])
+def test_batch_or_head_mixup_is_caught(mixup):
+    """Batch 1 given batch 0's rows (or head 1 head 0's): batches and heads
+    carry different slots in the coverage pass, so this shows."""
+    def run(*args):
+        out = torch_run(*args)
+        if mixup == "batch":
+            out[1] = out[0]
+        else:
+            out[:, 1] = out[:, 0]
+        return out
+
+    why = check(run, torch.bfloat16)
+    assert why and "visits the wrong keys" in why, why
+
+
+def test_shrinkable_for_interpreter_tests(monkeypatch):
+    """Tests that run the whole auto path under the interpreter may shrink the
+    problem through the module's constants and check_grid."""
+    monkeypatch.setattr(selfcheck, "BATCH", 1)
+    monkeypatch.setattr(selfcheck, "TEXT_LEN", 3)
+    monkeypatch.setattr(selfcheck, "check_grid", lambda window, down_factor: (9, 11))
+    seen = []
+
+    def run(q, *args):
+        seen.append(tuple(q.shape))
+        return torch_run(q, *args)
+
+    assert check(run, torch.float32, 16, 3, 2) is None
+    assert seen and all(s[0] == 1 and s[2] == 3 + 9 * 11 for s in seen)
