@@ -16,7 +16,7 @@ compares it per row with the exact torch path, in two passes:
    to 0); a correct backend is off by one rounding (2^-8 relative in
    bfloat16). Every element must match within two roundings.
 2. Random inputs: per-row maximum error over the row's largest reference
-   value, < 1e-4 (float32), 1e-2 (float16), 2e-2 (bfloat16).
+   value, < 1e-4 (float32), 1e-2 (float16), 4e-2 (bfloat16).
 """
 
 import contextlib
@@ -39,10 +39,12 @@ MAX_POOL_TOKENS = 8192
 # Unit roundoff of the output dtype (one rounding of an exact value).
 _UNIT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 # Random pass: per-row max |out - ref| / max |ref row|. Half precision: the
-# output rounding (2^-8 bf16, 2^-11 fp16) plus the softmax weights rounded
-# to the dtype before P @ V (partly cancelling over a row's keys); a correct
-# backend measures about 2e-3 (bf16) / 3e-4 (fp16) on this problem.
-RANDOM_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# output rounding plus the softmax weights rounded to the dtype before P @ V;
+# over a row of random values these add up to a few u of the row's scale.
+# Measured for the Triton kernel under the CPU interpreter (which truncates to
+# bfloat16 instead of rounding): 1.1e-2 bf16, 6.5e-4 fp16, 8e-7 fp32. What
+# this pass is for (a wrong scale, wrong Q.K or softmax) is off by O(1).
+RANDOM_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
 def _round_up(n, mod, rem):
@@ -165,7 +167,7 @@ def _reference(q, k, v, T, grid, window, pk, pv, scale):
 
 def _where(index, shape, T, grid):
     """'batch b, head h, <row>' for a flat index into (B, H, L)."""
-    B, H, L = shape
+    _, H, L = shape
     b, rest = divmod(int(index), H * L)
     hd, row = divmod(rest, L)
     if row < T:
