@@ -93,6 +93,10 @@ def test_wrong_shape_is_caught():
     assert "misshapen" in check(lambda q, *a: q[:, :, 1:])
 
 
+def test_output_on_another_device_is_caught():
+    assert "output on meta" in check(lambda q, *a: torch.empty_like(q, device="meta"))
+
+
 @pytest.mark.parametrize("dtype,factor", [(torch.float32, 1 + 1e-5), (torch.float16, 1.01),
                                           (torch.bfloat16, 1.05)])
 def test_one_scaled_row_is_caught(dtype, factor):
