@@ -62,13 +62,12 @@ def clear_mask_mod(text_len, grid, window, seq_len):
     return mask_mod
 
 
-def _sized_mask_mod(sizes):
-    """mask_mod over keys ``[text | image]`` reading (T, w, r^2) from the int32
-    tensor ``sizes``: traced once, it serves every size (the values are graph
-    inputs, not constants Dynamo would guard on)."""
+def _sized_mask_mod(T, w, r2):
+    """mask_mod over keys ``[text | image]`` reading T, w and r^2 from 0-d int32
+    tensors: traced once, it serves every size (the values are graph inputs,
+    not constants Dynamo would guard on; 0-d, so no shape to specialise)."""
 
     def mask_mod(b, hh, q_idx, kv_idx):
-        T, w, r2 = sizes[0], sizes[1], sizes[2]
         qi, ki = q_idx - T, kv_idx - T
         dy, dx = qi // w - ki // w, qi % w - ki % w
         return (q_idx < T) | (kv_idx < T) | (dy * dy + dx * dx < r2)
@@ -177,9 +176,9 @@ def clear_block_mask(text_len, grid, window, device):
         partial, full = block_layout(text_len, grid, window)
         (num, idx), (fnum, fidx) = _indices(partial), _indices(full)
         r = _effective_radius(grid, window)
-        sizes = torch.tensor([text_len, grid[1], r * r], dtype=torch.int32, device=device)
+        T_t, w_t, r2_t = (torch.tensor(x, dtype=torch.int32, device=device) for x in (text_len, grid[1], r * r))
         mask = BlockMask.from_kv_blocks(num.to(device), idx.to(device), fnum.to(device), fidx.to(device),
-                                        BLOCK_SIZE=BLOCK, mask_mod=_sized_mask_mod(sizes), seq_lengths=(L, L))
+                                        BLOCK_SIZE=BLOCK, mask_mod=_sized_mask_mod(T_t, w_t, r2_t), seq_lengths=(L, L))
         _MASKS[key] = mask
     return mask
 
@@ -232,6 +231,18 @@ def _compiled(fn):
     return _COMPILED[key]
 
 
+def _no_duck_shapes():
+    import contextlib
+
+    try:
+        from torch.fx.experimental import _config
+        if hasattr(_config, "use_duck_shape"):
+            return _config.patch(use_duck_shape=False)
+    except ImportError:
+        pass
+    return contextlib.nullcontext()
+
+
 def _run_compiled(fn, *args):
     import torch._dynamo
 
@@ -240,13 +251,28 @@ def _run_compiled(fn, *args):
     # matrix): make that an error instead.
     patch = {"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit") else {}
     try:
-        with torch._dynamo.config.patch(**patch):
+        # No duck sizing: a block count equal to the head count (static in
+        # Flex) or to the 3 of FLUX's qkv view would be specialised, one
+        # recompile per image size.
+        with torch._dynamo.config.patch(**patch), _no_duck_shapes():
             return fn(*args)
     except FlexUnavailable:
         raise
     except Exception as exc:  # compile errors of any kind (Inductor, Triton, Dynamo)
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise FlexUnavailable(f"compiling FlexAttention failed: {type(exc).__name__}: {first}") from exc
+        raise FlexUnavailable(f"compiling FlexAttention failed: {_one_line(exc)}") from exc
+
+
+def _one_line(exc):
+    """``Type: first line`` of the innermost cause (Dynamo wraps backend errors)."""
+    seen = {id(exc)}
+    while True:
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        exc = inner
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
 
 
 def clear_attention_flex(q, k, v, *, text_len, grid, window, pooled_k=None, pooled_v=None, scale):

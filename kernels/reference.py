@@ -256,7 +256,8 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
     budget = working_set_budget(q)
     if pooled_k is not None:  # held all along, so they count against the budget
         budget -= pooled_k.numel() * pooled_k.element_size() + pooled_v.numel() * pooled_v.element_size()
-    out = torch.empty_like(q)
+    # (B, L, H, D) storage: the caller's out.transpose(1, 2).reshape(B, L, H * D) is a view
+    out = q.new_empty(B, L, H, D).transpose(1, 2)
 
     if T > 0:
         _attend_text_queries(q, k, v, out, T, scale, budget)
@@ -278,6 +279,15 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
     ys = sorted({min(y, h - ty) for y in range(0, h, ty)})
     xs = sorted({min(x, w - tx) for x in range(0, w, tx)})
     tiles = [(y, x) for y in ys for x in xs]
+    # The same tile origins and key-window origins as device tensors, made on
+    # the device (arange, no host-to-device copy per chunk).
+    i32 = dict(device=device, dtype=torch.int32)
+    ys_d = torch.arange(0, h, ty, **i32).clamp_(max=h - ty)
+    xs_d = torch.arange(0, w, tx, **i32).clamp_(max=w - tx)
+    tile_y0 = ys_d.repeat_interleave(len(xs))
+    tile_x0 = xs_d.repeat(len(ys))
+    tile_ky0 = (tile_y0 - (r - 1)).clamp_(min=0).clamp_(max=h - wy)
+    tile_kx0 = (tile_x0 - (r - 1)).clamp_(min=0).clamp_(max=w - wx)
 
     # Bytes held at once, counted per (batch, head, tile): the scores of all
     # key groups (softmax runs in place); the gathered keys, then values (keys
@@ -304,12 +314,9 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
     for c0 in range(0, len(tiles), tiles_per_chunk):
         chunk = tiles[c0:c0 + tiles_per_chunk]
         n = len(chunk)
-        y0 = torch.tensor([y for y, _ in chunk], device=device, dtype=torch.int32)
-        x0 = torch.tensor([x for _, x in chunk], device=device, dtype=torch.int32)
-        key_rows = [min(_local_window(y, ty, r, h)[0], h - wy) for y, _ in chunk]
-        ky0 = torch.tensor(key_rows, device=device, dtype=torch.int32)
-        kx0 = torch.tensor([min(_local_window(x, tx, r, w)[0], w - wx) for _, x in chunk],
-                           device=device, dtype=torch.int32)
+        y0, x0 = tile_y0[c0:c0 + n], tile_x0[c0:c0 + n]
+        ky0, kx0 = tile_ky0[c0:c0 + n], tile_kx0[c0:c0 + n]
+        key_rows = [min(_local_window(y, ty, r, h)[0], h - wy) for y, _ in chunk[:1]]
         qy, qx = y0[:, None] + ty_off, x0[:, None] + tx_off  # (n, ty), (n, tx)
         ky, kx = ky0[:, None] + wy_off, kx0[:, None] + wx_off  # (n, wy), (n, wx)
         dy2 = (qy[:, :, None] - ky[:, None, :]).square_()  # (n, ty, wy)
