@@ -448,3 +448,23 @@ def test_host_to_device_counter_sees_a_weight_copy():
         reference.spatial_weight_matrix(torch.rand(2, 2), 2, x.device)
         torch.tensor([1, 2], device=x.device)
     assert mode.copies == 2
+
+
+def test_token_chunking_model_counts_what_pooling_allocates():
+    """The token-chunking memory model's pooled keys and values during
+    attention (pooled_kv_bytes) equal what pooling k and then v allocates
+    (float32 input: no CPU cast), and the 8K d = 4 block peak includes them."""
+    from comfyui_clear.nodes import token_chunking as tc
+
+    B, H, D, T, grid, d = 2, 3, 8, 5, (13, 10), 4
+    k = torch.randn(B, H, T + grid[0] * grid[1], D)
+    v = torch.randn_like(k)
+    sw = torch.rand(d, d)
+    with LiveBytes() as mode:
+        pooled = [pool_image_tokens(x[:, :, T:], grid, d, sw) for x in (k, v)]
+    model = tc.pooled_kv_bytes(k.shape[2], B, T, d, H * D, grid)
+    assert mode.peak == model == sum(p.numel() * p.element_size() for p in pooled)
+    L = 512 + 512 * 512  # 8K
+    assert tc.pooled_kv_bytes(L, 1, 512, 4) == 2 * 128 * 128 * 3072 * 4  # 0.4 GB
+    plain = tc.block_activation_bytes("double", L, 2, chunk=8192)
+    assert tc.block_activation_bytes("double", L, 2, chunk=8192, down_factor=4) == plain + tc.pooled_kv_bytes(L, 1, 512, 4)
