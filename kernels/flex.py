@@ -89,7 +89,7 @@ def block_layout(text_len, grid, window, block=BLOCK):
     r = _effective_radius(grid, window)
     L = T + h * w
     n = -(-L // block)
-    i64 = dict(dtype=torch.int64)
+    i64 = {"dtype": torch.int64}
     starts = torch.arange(n, **i64) * block
     ends = torch.clamp(starts + block, max=L)  # exclusive
     complete = (starts + block) <= L
@@ -281,7 +281,7 @@ def clear_attention_flex(q, k, v, *, text_len, grid, window, pooled_k=None, pool
     small shapes. Output laid out so that ``out.transpose(1, 2)`` is contiguous."""
     import warnings
 
-    B, H, L, D = q.shape
+    B, H, L, _ = q.shape
     T = text_len
     grid = (int(grid[0]), int(grid[1]))
     if pooled_k is not None:  # the pooled keys are few; Flex takes one dtype (a fresh tensor, not a view,

@@ -281,7 +281,7 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
     tiles = [(y, x) for y in ys for x in xs]
     # The same tile origins and key-window origins as device tensors, made on
     # the device (arange, no host-to-device copy per chunk).
-    i32 = dict(device=device, dtype=torch.int32)
+    i32 = {"device": device, "dtype": torch.int32}
     ys_d = torch.arange(0, h, ty, **i32).clamp_(max=h - ty)
     xs_d = torch.arange(0, w, tx, **i32).clamp_(max=w - tx)
     tile_y0 = ys_d.repeat_interleave(len(xs))

@@ -13,9 +13,9 @@ from torch.overrides import TorchFunctionMode
 
 pytest.importorskip("torch.nn.attention.flex_attention", reason="this torch has no FlexAttention")
 
-from comfyui_clear.kernels import clear_attention, flex, pool_image_tokens  # noqa: E402
-from comfyui_clear.kernels.reference import clear_attention_torch  # noqa: E402
-from oracle import clear_oracle, rel_err  # noqa: E402
+from comfyui_clear.kernels import clear_attention, flex, pool_image_tokens
+from comfyui_clear.kernels.reference import clear_attention_torch
+from oracle import clear_oracle, rel_err
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -107,10 +107,9 @@ class _NoEagerMask:
 def counted_compile(monkeypatch):
     """Flex compiled on the CPU through a frame counter around the "eager"
     backend; evaluating a mask_mod over the sequence fails the test."""
+    import torch._dynamo
     from torch._dynamo.testing import CompileCounter
     from torch.nn.attention import flex_attention as fa
-
-    import torch._dynamo
 
     torch._dynamo.reset()  # Dynamo's cache is per code object: start from no entries
     counter = CompileCounter()
