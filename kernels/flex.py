@@ -177,8 +177,13 @@ def clear_block_mask(text_len, grid, window, device):
         (num, idx), (fnum, fidx) = _indices(partial), _indices(full)
         r = _effective_radius(grid, window)
         T_t, w_t, r2_t = (torch.tensor(x, dtype=torch.int32, device=device) for x in (text_len, grid[1], r * r))
-        mask = BlockMask.from_kv_blocks(num.to(device), idx.to(device), fnum.to(device), fidx.to(device),
-                                        BLOCK_SIZE=BLOCK, mask_mod=_sized_mask_mod(T_t, w_t, r2_t), seq_lengths=(L, L))
+        try:
+            mask = BlockMask.from_kv_blocks(num.to(device), idx.to(device), fnum.to(device), fidx.to(device),
+                                            BLOCK_SIZE=BLOCK, mask_mod=_sized_mask_mod(T_t, w_t, r2_t),
+                                            seq_lengths=(L, L))
+        except TypeError as exc:  # torch 2.5's from_kv_blocks takes no seq_lengths
+            raise FlexUnavailable(f"this torch's BlockMask.from_kv_blocks is too old ({exc}); torch >= 2.6 "
+                                  "runs the Flex backend") from exc
         _MASKS[key] = mask
     return mask
 
