@@ -42,11 +42,13 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("B,H,D,T,h,w,r,d", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# every shape in float32; half precision on three of them keeps the test fast
+CASES = [(*s, torch.float32) for s in SHAPES] + [
+    (*s, dt) for s in (SHAPES[0], SHAPES[1], SHAPES[6]) for dt in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("B,H,D,T,h,w,r,d,dtype", CASES)
 def test_flex_matches_the_oracle(B, H, D, T, h, w, r, d, dtype):
-    if dtype != torch.float32 and (h, w) not in ((9, 11), (7, 13), (3, 150)):
-        pytest.skip("half precision on three shapes keeps the test fast")
     q, k, v = _qkv(B, H, T + h * w, D, dtype, seed=h * w + r)
     sw = torch.rand(d, d, dtype=torch.float64) * 2 / (d * d) if d > 1 else None
     out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=d, spatial_weight=sw,
