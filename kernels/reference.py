@@ -113,6 +113,40 @@ def spatial_weight_matrix(spatial_weight, down_factor, device, dtype=torch.float
     return spatial_weight.detach().reshape(d, d).to(device=device, dtype=dtype)
 
 
+# spatial_weight tensor -> (its version counter, its d*d weights as Python floats)
+_WEIGHT_FLOATS = None
+
+
+def _weight_floats(spatial_weight, d):
+    """The d x d pooling weights as nested Python floats, read once per weight
+    tensor (and again only if it is modified in place). The layer weights live
+    on the CPU: as Python scalars they reach the kernels with no host-to-device
+    copy, in every layer of every step."""
+    global _WEIGHT_FLOATS
+    if spatial_weight is None:
+        return [[1.0 / (d * d)] * d for _ in range(d)]
+    if _WEIGHT_FLOATS is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+        _WEIGHT_FLOATS = WeakIdKeyDictionary()
+    version = spatial_weight._version
+    cached = _WEIGHT_FLOATS.get(spatial_weight)
+    if cached is None or cached[0] != version:
+        cached = (version, spatial_weight.detach().reshape(d, d).double().tolist())
+        _WEIGHT_FLOATS[spatial_weight] = cached
+    return cached[1]
+
+
+def pooling_bytes(batch, heads, grid, head_dim, down_factor, itemsize):
+    """Bytes ``pool_image_tokens`` allocates for one input of ``itemsize``-byte
+    elements: its result, plus (only where the input dtype is not the compute
+    dtype and the device is the CPU, which casts operands of mixed-dtype ops
+    into a temporary) one head's pooled slice. The token-chunking memory model
+    counts two of these (pooled keys and values) during attention."""
+    hp, wp = pooled_grid(grid, down_factor)
+    c = 8 if itemsize == 8 else 4
+    return batch * heads * hp * wp * head_dim * c + (batch * hp * wp * head_dim * c if itemsize != c else 0)
+
+
 def pool_image_tokens(x_img, grid, down_factor, spatial_weight=None):
     """Reduce each d x d block of the image grid to one token.
 
@@ -123,38 +157,45 @@ def pool_image_tokens(x_img, grid, down_factor, spatial_weight=None):
     full weight sum over real tokens; on divisible grids this is exactly the
     reference's weighted block sum.
 
-    Works one block offset (i, j) at a time, gathering only the pooled grid's
-    worth of tokens, so memory is a few pooled-size tensors, not a copy of x.
+    Each block offset (i, j) is a strided view of x (no gather, no copy):
+    the interior blocks, the last block row and column (whose rows/columns
+    past the grid repeat its last one) and the corner, each accumulated with a
+    Python-float weight (no weight tensor on the device). Memory: the result
+    (``pooling_bytes``); mixed-dtype adds on the CPU cast one head at a time.
     """
     h, w = grid
     d = down_factor
     B, H, N, D = x_img.shape
     hp, wp = pooled_grid(grid, d)
     dtype = _compute_dtype(x_img.dtype)
-    c = torch.empty((), dtype=dtype).element_size()
-    weights = spatial_weight_matrix(spatial_weight, d, x_img.device, dtype)
+    if torch.compiler.is_compiling():
+        # traced: weights as a tensor (reading a tensor's values would break the graph)
+        weights = spatial_weight_matrix(spatial_weight, d, x_img.device, dtype)
+    else:
+        weights = _weight_floats(spatial_weight, d)
     x = x_img.reshape(B, H, h, w, D)
-    device = x_img.device
-    pooled = torch.empty(B, H, hp, wp, D, dtype=dtype, device=device)
-    # per (batch, head): a gathered block offset in input and compute dtype, and a product
-    per_head = hp * wp * D * (x_img.element_size() + 2 * c)
-    # the caller keeps pooled keys while it pools values: room for both
-    room = working_set_budget(x_img) - 2 * pooled.numel() * c
-    heads = max(1, min(H, room // max(1, B * per_head)))
-    for h0 in range(0, H, heads):
-        h1 = min(H, h0 + heads)
-        acc = pooled[:, h0:h1]
+    out = torch.zeros(B, H, hp * wp, D, dtype=dtype, device=x_img.device)
+    pooled = out.view(B, H, hp, wp, D)
+    a, b = hp - 1, wp - 1  # complete-or-not: the last block row/column may be partial
+    # CPU casts the bf16/fp16 operand of a mixed-dtype add into a temporary: one head at a time
+    step = 1 if x_img.device.type == "cpu" and x_img.dtype != dtype else H
+    for h0 in range(0, H, step):
+        xs, ps = x[:, h0:h0 + step], pooled[:, h0:h0 + step]
+        inner = xs[:, :, :a * d, :b * d].unflatten(3, (b, d)).unflatten(2, (a, d))  # (B, s, a, d, b, d, D)
         for i in range(d):
-            rows = (torch.arange(hp, device=device) * d + i).clamp_(max=h - 1)
+            y = min(a * d + i, h - 1)  # the last block row's row i (repeats the grid's last row)
             for j in range(d):
-                cols = (torch.arange(wp, device=device) * d + j).clamp_(max=w - 1)
-                part = x[:, h0:h1][:, :, rows][:, :, :, cols].to(dtype)
-                if i == 0 and j == 0:
-                    torch.mul(part, weights[i, j], out=acc)
-                else:
-                    acc.add_(part.mul_(weights[i, j]))
-                del part
-    return pooled.reshape(B, H, hp * wp, D)
+                xj = min(b * d + j, w - 1)
+                wij = weights[i][j]
+                for dst, src in ((ps[:, :, :a, :b], inner[:, :, :, i, :, j]),
+                                 (ps[:, :, a, :b], xs[:, :, y, :b * d].unflatten(2, (b, d))[:, :, :, j]),
+                                 (ps[:, :, :a, b], xs[:, :, :a * d, xj].unflatten(2, (a, d))[:, :, :, i]),
+                                 (ps[:, :, a, b], xs[:, :, y, xj])):
+                    if isinstance(wij, float):
+                        dst.add_(src, alpha=wij)
+                    else:
+                        dst.addcmul_(src, wij)
+    return out
 
 
 def _local_window(tile_start, tile_len, radius, extent):
@@ -215,7 +256,8 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
     budget = working_set_budget(q)
     if pooled_k is not None:  # held all along, so they count against the budget
         budget -= pooled_k.numel() * pooled_k.element_size() + pooled_v.numel() * pooled_v.element_size()
-    out = torch.empty_like(q)
+    # (B, L, H, D) storage: the caller's out.transpose(1, 2).reshape(B, L, H * D) is a view
+    out = q.new_empty(B, L, H, D).transpose(1, 2)
 
     if T > 0:
         _attend_text_queries(q, k, v, out, T, scale, budget)
@@ -237,6 +279,15 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
     ys = sorted({min(y, h - ty) for y in range(0, h, ty)})
     xs = sorted({min(x, w - tx) for x in range(0, w, tx)})
     tiles = [(y, x) for y in ys for x in xs]
+    # The same tile origins and key-window origins as device tensors, made on
+    # the device (arange, no host-to-device copy per chunk).
+    i32 = {"device": device, "dtype": torch.int32}
+    ys_d = torch.arange(0, h, ty, **i32).clamp_(max=h - ty)
+    xs_d = torch.arange(0, w, tx, **i32).clamp_(max=w - tx)
+    tile_y0 = ys_d.repeat_interleave(len(xs))
+    tile_x0 = xs_d.repeat(len(ys))
+    tile_ky0 = (tile_y0 - (r - 1)).clamp_(min=0).clamp_(max=h - wy)
+    tile_kx0 = (tile_x0 - (r - 1)).clamp_(min=0).clamp_(max=w - wx)
 
     # Bytes held at once, counted per (batch, head, tile): the scores of all
     # key groups (softmax runs in place); the gathered keys, then values (keys
@@ -263,12 +314,9 @@ def clear_attention_torch(q, k, v, *, text_len, grid, window, pooled_k=None, poo
     for c0 in range(0, len(tiles), tiles_per_chunk):
         chunk = tiles[c0:c0 + tiles_per_chunk]
         n = len(chunk)
-        y0 = torch.tensor([y for y, _ in chunk], device=device, dtype=torch.int32)
-        x0 = torch.tensor([x for _, x in chunk], device=device, dtype=torch.int32)
-        key_rows = [min(_local_window(y, ty, r, h)[0], h - wy) for y, _ in chunk]
-        ky0 = torch.tensor(key_rows, device=device, dtype=torch.int32)
-        kx0 = torch.tensor([min(_local_window(x, tx, r, w)[0], w - wx) for _, x in chunk],
-                           device=device, dtype=torch.int32)
+        y0, x0 = tile_y0[c0:c0 + n], tile_x0[c0:c0 + n]
+        ky0, kx0 = tile_ky0[c0:c0 + n], tile_kx0[c0:c0 + n]
+        key_rows = [min(_local_window(y, ty, r, h)[0], h - wy) for y, _ in chunk[:1]]
         qy, qx = y0[:, None] + ty_off, x0[:, None] + tx_off  # (n, ty), (n, tx)
         ky, kx = ky0[:, None] + wy_off, kx0[:, None] + wx_off  # (n, wy), (n, wx)
         dy2 = (qy[:, :, None] - ky[:, None, :]).square_()  # (n, ty, wy)

@@ -27,6 +27,7 @@ call's ``transformer_options`` (model_options are deep-copied by ComfyUI).
 import contextlib
 import functools
 import logging
+import math
 
 from .clear_patch import _unwrap, _warn_once
 
@@ -50,42 +51,65 @@ class TokenChunkingError(ValueError):
 # float32 one at a time: r = the float32 copy and product of one, in units of
 # h (none in float32). The auto chunk size and bench/ use the same numbers.
 
-def block_activation_bytes(kind, tokens, itemsize=2, chunk=None, batch=1, text=TEXT_TOKENS, h=3072, m=12288):
+def pooled_kv_bytes(tokens, batch=1, text=TEXT_TOKENS, down_factor=1, h=3072, grid=None):
+    """Bytes CLEAR's pooled keys and values take during attention (down_factor
+    d > 1): two float32 (B, H, ceil(gh/d)*ceil(gw/d), D) tensors, H*D = h
+    (``kernels.reference.pooling_bytes``; pooling reads x through strided
+    views, so that is all it allocates on a GPU). ``grid`` (gh, gw) defaults
+    to the square grid of the image tokens."""
+    if down_factor <= 1:
+        return 0
+    from ..kernels.reference import pooled_grid
+
+    if grid is None:
+        side = math.isqrt(max(tokens - text, 0))
+        grid = (side, -(-(tokens - text) // side) if side else 0)
+    hp, wp = pooled_grid(grid, down_factor)
+    return 2 * batch * hp * wp * h * 4
+
+
+def block_activation_bytes(kind, tokens, itemsize=2, chunk=None, batch=1, text=TEXT_TOKENS, h=3072, m=12288,
+                           down_factor=1, grid=None):
     """Peak bytes of one "double"/"single" block over ``tokens`` (text + image)
-    tokens of ``itemsize`` bytes, unchunked (chunk None) or in chunks of ``chunk``."""
+    tokens of ``itemsize`` bytes, unchunked (chunk None) or in chunks of ``chunk``;
+    with CLEAR's pooled keys (``down_factor`` > 1 over ``grid``) held during attention."""
     L, N = tokens, tokens - text
+    # pooled keys/values during the attention call, in units of one activation value
+    a = pooled_kv_bytes(tokens, batch, text, down_factor, h, grid) / (batch * itemsize)
     chunk = None if chunk is not None and chunk >= tokens else chunk  # one chunk runs ComfyUI's block
     r = 0 if itemsize >= 4 else 2 * 4 // itemsize * h
     if chunk is None and kind == "single":
         lin1 = 3 * h + m
         peak = max(L * (lin1 + 2 * h + h + r),        # roping k: linear1 out, normed q/k, roped q
-                   L * (lin1 + 2 * h + 2 * h + 2 * h),  # attention: + roped q/k, output and its reshape
+                   L * (lin1 + 2 * h + 2 * h + 2 * h) + a,  # attention: + roped q/k, output and its reshape
                    L * (lin1 + h + m),                  # GELU while the linear1 output is still held
                    L * (h + m + (h + m) + h))           # linear2 on [attention | GELU]
     elif chunk is None:
         peak = max(L * (3 * h + 3 * h),                 # q/k/v concatenated while the qkv outputs live
                    L * (3 * h + h + r),                 # roping k
-                   L * (3 * h + 2 * h + 2 * h),         # attention: q/k/v, roped q/k, output + reshape
+                   L * (3 * h + 2 * h + 2 * h) + a,     # attention: q/k/v, roped q/k, output + reshape
                    L * h + N * (h + 2 * m))             # image MLP: modulated input, fc1, GELU
     elif kind == "single":
         c, lin1 = chunk, 3 * h + m
         peak = max(L * 4 * h + c * max(lin1 + 4 * h, lin1 + 3 * h + r, lin1 + m),  # q/k/v + MLP partial
-                   L * 6 * h,                                                      # attention + output
+                   L * 6 * h + a,                                                  # attention + output
                    L * 2 * h + c * 3 * h)                                          # output pass
     else:
         c = chunk
         peak = max(L * 3 * h + c * (6 * h + max(2 * h, h + r)),  # q/k/v + one chunk's projection, norms, RoPE
-                   L * 5 * h,                                    # attention + output
+                   L * 5 * h + a,                                # attention + output
                    L * h + c * (2 * h + 2 * m))                  # output pass: residual, MLP
-    return batch * itemsize * peak
+    return int(batch * itemsize * peak)
 
 
-def chunk_tokens_for(kind, tokens, batch, itemsize, free_bytes, text=TEXT_TOKENS, h=3072, m=12288, margin=1.25):
+def chunk_tokens_for(kind, tokens, batch, itemsize, free_bytes, text=TEXT_TOKENS, h=3072, m=12288, margin=1.25,
+                     down_factor=1, grid=None):
     """Chunk size as ComfyUI sizes its split attention: halve the chunk until the
     block's modelled peak fits the free memory. ``tokens`` = no chunking needed."""
     steps = 1
     while steps < tokens and margin * block_activation_bytes(
-            kind, tokens, itemsize, -(-tokens // steps) if steps > 1 else None, batch, text, h, m) > free_bytes:
+            kind, tokens, itemsize, -(-tokens // steps) if steps > 1 else None, batch, text, h, m,
+            down_factor, grid) > free_bytes:
         steps *= 2
     return tokens if steps == 1 else max(MIN_CHUNK, -(-tokens // steps))
 
@@ -315,7 +339,11 @@ def _run_chunked(args, *, original, kind, index, chunk_tokens):
         free = comfy.model_management.get_free_memory(img.device)
         mlp = block.mlp_hidden_dim if kind == "single" else block.img_mlp[0].out_features
         text = args["txt"].shape[1] if kind == "double" else 0
-        chunk = chunk_tokens_for(kind, tokens, img.shape[0], img.element_size(), free, text, block.hidden_size, mlp)
+        options = args.get("transformer_options") or {}
+        layer, layout = options.get("clear_layer"), options.get("clear_tokens")  # set by CLEAR around this block
+        down = layer["down_factor"] if layer and layout else 1
+        chunk = chunk_tokens_for(kind, tokens, img.shape[0], img.element_size(), free, text, block.hidden_size, mlp,
+                                 down_factor=down, grid=layout[1] if down > 1 else None)
     if chunk >= tokens:
         return original(args)
     if kind == "double":

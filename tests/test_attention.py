@@ -332,3 +332,138 @@ def test_torch_path_traces_without_graph_breaks():
         return clear_attention(q, k, v, text_len=4, grid=(8, 8), window=3, down_factor=2, backend="torch")
     explained = torch._dynamo.explain(attend)(q, k, v)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+# --- no host syncs or needless copies per layer; output layout ---
+
+def test_torch_path_output_transposes_to_a_contiguous_view():
+    """(B, H, L, D) values in (B, L, H, D) storage: the override's
+    out.transpose(1, 2).reshape(B, L, H*D) is a view, not a copy."""
+    B, H, D, T, h, w, r, d = 2, 3, 8, 4, 7, 9, 3, 2
+    q, k, v = _flux_like_inputs(B, H, D, T + h * w, torch.float32)
+    out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=d, backend="torch")
+    assert out.transpose(1, 2).is_contiguous()
+    assert rel_err(out, clear_oracle(q, k, v, T, (h, w), r, d)) < 1e-5
+
+
+def test_free_memory_is_read_once_per_call(monkeypatch):
+    calls = []
+    monkeypatch.setattr(reference, "free_memory", lambda device: calls.append(device) or (1 << 30))
+    q, k, v = _inputs(1, 2, 8, 3 + 8 * 9, dtype=torch.float32, seed=2)
+    clear_attention(q, k, v, text_len=3, grid=(8, 9), window=3, down_factor=4, backend="torch")
+    assert len(calls) == 1  # the torch path's budget; pooling keys and values reads none
+    calls.clear()
+    pool_image_tokens(k[:, :, 3:], (8, 9), 4)
+    assert calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grid,d", [((12, 16), 4), ((13, 10), 4), ((9, 7), 2)])
+def test_pooling_allocates_only_its_result(dtype, grid, d):
+    """Pooling reads each block offset as a strided view of x: its memory is
+    its result plus, for a bf16 input on the CPU, one head's cast slice
+    (reference.pooling_bytes, the number the token-chunking model counts).
+    The earlier gather of whole rows per offset held d times more."""
+    B, H, D = 2, 4, 16
+    h, w = grid
+    x = torch.randn(B, H, h * w, D).to(dtype)
+    sw = torch.rand(d, d)
+    with LiveBytes() as mode:
+        pooled = pool_image_tokens(x, grid, d, sw)
+    assert mode.peak <= reference.pooling_bytes(B, H, grid, D, d, x.element_size()), mode.peak
+    from oracle import pooled_tokens
+    assert rel_err(pooled, pooled_tokens(x, h, w, d, sw.double())) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+class _HostToDevice(torch.overrides.TorchFunctionMode):
+    """Counts host-to-device copies: a CPU tensor (not a 0-d scalar) going into
+    an op whose result is on another device, or a tensor built from Python
+    data on another device."""
+
+    BUILDERS = (torch.tensor, torch.as_tensor, torch.Tensor.new_tensor)
+
+    def __init__(self):
+        super().__init__()
+        self.copies = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if func is torch.Tensor.copy_:
+            outs = [args[0]]
+        if any(t.device.type != "cpu" for t in outs):
+            leaves = tree_leaves((args, kwargs))
+            from_python = func in self.BUILDERS and not isinstance(args[0], torch.Tensor)
+            if from_python or any(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0
+                                  for t in leaves):
+                self.copies += 1
+        return out
+
+
+def test_no_host_to_device_copies_per_layer(comfyui, monkeypatch, tmp_path):
+    """A patched FLUX forward with _down_2 pooling weights (CPU tensors in the
+    node's layer settings): every CLEAR call is replayed with q, k, v on the
+    "meta" device, counting host-to-device copies. The pooling weights reach
+    the pooling as cached Python floats and the tile coordinates are made on
+    the device: none per layer, from the first call on."""
+    import folder_paths
+
+    import comfyui_clear.kernels as kernels
+    import flux_tiny
+    from comfyui_clear.nodes import clear_patch
+
+    folder_paths.add_model_folder_path("clear", str(tmp_path), is_default=True)
+    flux_tiny.write_clear_file(tmp_path / "clear_local_2_down_2.safetensors", down_factor=2, seed=9, hidden=256,
+                               depth=2, depth_single=2)
+    model = flux_tiny.make_tiny_flux()
+    (patched,) = clear_patch.CLEARAttentionPatch().patch(model, "clear_local_2_down_2.safetensors", 0, 0, True, 1.0)
+    real = kernels.clear_attention
+    copies, weights = [], []
+
+    def replay_on_meta(q, k, v, **kw):
+        out = real(q, k, v, **kw)
+        weights.append(kw.get("spatial_weight"))
+        qm, km, vm = (t.to("meta") for t in (q, k, v))
+        with _HostToDevice() as mode:
+            real(qm, km, vm, **{**kw, "backend": "torch"})
+        copies.append(mode.copies)
+        return out
+
+    monkeypatch.setattr(kernels, "clear_attention", replay_on_meta)
+    latent = torch.randn(1, 16, 12, 14, generator=torch.Generator().manual_seed(3))
+    flux_tiny.sample_one_step(patched, latent, flux_tiny.conditioning(5, seed=4))
+    assert len(copies) >= 4  # every double and single block of the tiny FLUX, cond and uncond
+    assert all(isinstance(w, torch.Tensor) and w.device.type == "cpu" for w in weights)  # the case at issue
+    assert copies == [0] * len(copies), copies
+
+
+def test_host_to_device_counter_sees_a_weight_copy():
+    """The counter above counts what the old pooling did per layer: a CPU
+    weight moved to the tensors' device."""
+    x = torch.empty(1, 1, 16, 8, device="meta")
+    with _HostToDevice() as mode:
+        reference.spatial_weight_matrix(torch.rand(2, 2), 2, x.device)
+        torch.tensor([1, 2], device=x.device)
+    assert mode.copies == 2
+
+
+def test_token_chunking_model_counts_what_pooling_allocates():
+    """The token-chunking memory model's pooled keys and values during
+    attention (pooled_kv_bytes) equal what pooling k and then v allocates
+    (float32 input: no CPU cast), and the 8K d = 4 block peak includes them."""
+    from comfyui_clear.nodes import token_chunking as tc
+
+    B, H, D, T, grid, d = 2, 3, 8, 5, (13, 10), 4
+    k = torch.randn(B, H, T + grid[0] * grid[1], D)
+    v = torch.randn_like(k)
+    sw = torch.rand(d, d)
+    with LiveBytes() as mode:
+        pooled = [pool_image_tokens(x[:, :, T:], grid, d, sw) for x in (k, v)]
+    model = tc.pooled_kv_bytes(k.shape[2], B, T, d, H * D, grid)
+    assert mode.peak == model == sum(p.numel() * p.element_size() for p in pooled)
+    L = 512 + 512 * 512  # 8K
+    assert tc.pooled_kv_bytes(L, 1, 512, 4) == 2 * 128 * 128 * 3072 * 4  # 0.4 GB
+    plain = tc.block_activation_bytes("double", L, 2, chunk=8192)
+    assert tc.block_activation_bytes("double", L, 2, chunk=8192, down_factor=4) == plain + tc.pooled_kv_bytes(L, 1, 512, 4)
