@@ -265,24 +265,32 @@ _KNOWN_EXTENSIONS = {
 }
 
 
-def _guard_message(run):
-    flux = run.flux
-    where = ", ".join(f"{kind} {index}" for kind, index, _ in run.missed[:8]) + (", ..." if len(run.missed) > 8 else "")
-    culprits = list(dict.fromkeys(c for _, _, c in run.missed if c))
-    forward_orig = flux.__dict__.get("forward_orig")
-    if forward_orig is not None and getattr(forward_orig, "__func__", None) is not type(flux).forward_orig:
-        culprits.append(f"the model's forward_orig is replaced by {_name(forward_orig)}")
-    message = (f"CLEAR: {len(run.missed)} of {run.blocks} FLUX blocks ran without CLEAR attention ({where})")
-    if culprits:
-        message += ": " + "; ".join(culprits)
-    message += (". With CLEAR's weights but not its attention the image would silently differ, so sampling "
-                "stops. Remove the node that replaces these blocks, or use the model without the CLEAR "
-                "Attention Patch.")
+def _forward_orig_note(flux):
+    """'; the model's forward_orig is replaced by X' where another extension did so."""
+    forward_orig = getattr(flux, "__dict__", {}).get("forward_orig")
+    if forward_orig is None or getattr(forward_orig, "__func__", None) is type(flux).forward_orig:
+        return ""
+    return f" (the model's forward_orig is replaced by {_name(forward_orig)})"
+
+
+def _with_known_extensions(message):
     text = message.lower()
     for key, (name, advice) in _KNOWN_EXTENSIONS.items():
         if key in text:
             message += f" This is {name}: {advice}."
     return message
+
+
+def _guard_message(run):
+    where = ", ".join(f"{kind} {index}" for kind, index, _ in run.missed[:8]) + (", ..." if len(run.missed) > 8 else "")
+    culprits = list(dict.fromkeys(c for _, _, c in run.missed if c))
+    message = (f"CLEAR: {len(run.missed)} of {run.blocks} FLUX blocks ran without CLEAR attention ({where})"
+               + _forward_orig_note(run.flux))
+    if culprits:
+        message += ": " + "; ".join(culprits)
+    return _with_known_extensions(
+        message + ". With CLEAR's weights but not its attention the image would silently differ, so sampling "
+        "stops. Remove the node that replaces these blocks, or use the model without the CLEAR Attention Patch.")
 
 
 def _fit_to_grid(window, down_factor, spatial_weight, grid):
@@ -333,10 +341,12 @@ def _clear_attention_override(func, *args, previous=None, **kwargs):
         b, _, inner = q.shape
         q, k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
     if q.shape[2] != text_len + grid[0] * grid[1]:
-        raise CLEARPatchError(
+        raise CLEARPatchError(_with_known_extensions(
             f"CLEAR expected {text_len} text + {grid[0]}x{grid[1]} image tokens in a FLUX block but got "
-            f"{q.shape[2]}: another node adds tokens (e.g. reference images, IP-Adapter-style tokens), "
-            "which CLEAR's local mask cannot place. Remove that node or the CLEAR Attention Patch.")
+            f"{q.shape[2]}: another node adds or splits tokens (e.g. reference images, IP-Adapter-style tokens, "
+            "sequence parallelism), which CLEAR's local mask cannot place"
+            + _forward_orig_note(run.flux if run is not None else None)
+            + ". Remove that node or the CLEAR Attention Patch."))
     scale = attention_scale(q.shape[-1], text_len, grid, layer["down_factor"], layer["proportional"])
     window, down, spatial_weight = _fit_to_grid(layer["window"], layer["down_factor"], layer["spatial_weight"], grid)
     out = clear_attention(q, k, v, text_len=text_len, grid=grid, window=window,

@@ -338,25 +338,31 @@ def _undo_inject(flux):
     flux.__dict__.pop("forward_orig", None)
 
 
-@pytest.mark.parametrize("when", ["on_load", "before_clear"])
-@pytest.mark.parametrize("order", ["clear", "clear_then_chunking"])
-def test_raylight_style_forward_is_one_error_naming_raylight(env, when, order):
-    """Raylight injects through an ON_LOAD callback, i.e. after ComfyUI applied
-    CLEAR's object patches; injected before the CLEAR node, CLEAR wraps it."""
+def _with_raylight_like(model, order, when):
+    """(CLEAR model, live Flux) with the stand-in injected: through an ON_LOAD
+    callback as Raylight does (after ComfyUI applied CLEAR's object patches),
+    or on the live module before the CLEAR node runs (CLEAR then wraps it)."""
     import comfy.patcher_extension
+
+    flux = model.get_model_object("diffusion_model")
+    if when == "before_clear":
+        raylight_like_inject(flux)
+        return _clear(model, order), flux
+    patched = _clear(model, order)
+    patched.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD,
+                         lambda patcher, *args: raylight_like_inject(patcher.model.diffusion_model))
+    return patched, flux
+
+
+@pytest.mark.parametrize("when", ["on_load", "before_clear"])
+def test_raylight_style_forward_is_one_error_naming_raylight(env, when):
+    """Issue 18.3: before, every block ran the stand-in's own (full) attention silently."""
     from comfyui_clear.nodes.clear_patch import CLEARPatchError
 
     model = env[1].make_tiny_flux()
-    flux = model.get_model_object("diffusion_model")
     latent, positive = _inputs()
+    patched, flux = _with_raylight_like(model, "clear", when)
     try:
-        if when == "before_clear":
-            raylight_like_inject(flux)
-            patched = _clear(model, order)
-        else:
-            patched = _clear(model, order)
-            patched.add_callback(comfy.patcher_extension.CallbacksMP.ON_LOAD,
-                                 lambda patcher, *args: raylight_like_inject(patcher.model.diffusion_model))
         with pytest.raises(CLEARPatchError) as info:
             _sample(patched, latent, positive)
     finally:
@@ -364,6 +370,39 @@ def test_raylight_style_forward_is_one_error_naming_raylight(env, when, order):
     message = str(info.value)
     assert message.count("ran without CLEAR") == 1 and "4 of 4 FLUX blocks" in message
     assert "This is Raylight" in message and f"{RAYLIGHT_MODULE}.usp_like_double_forward" in message
+    assert f"forward_orig is replaced by {RAYLIGHT_MODULE}.usp_like_dit_forward" in message
+
+
+def test_raylight_style_forward_with_chunking_runs_clear(env, clear_counts):
+    """Token chunking computes each block itself with ComfyUI's attention, so
+    CLEAR is reachable under the stand-in (one device: no token split) and runs."""
+    model = env[1].make_tiny_flux()
+    latent, positive = _inputs()
+    patched, flux = _with_raylight_like(model, "clear_then_chunking", "on_load")
+    try:
+        out = _sample(patched, latent, positive)
+    finally:
+        _undo_inject(flux)
+    ref, _ = _reference(env)
+    assert len(clear_counts) == 4 and _rel(out, _sample(ref, latent, positive)) < 1e-4
+
+
+def test_split_tokens_error_names_raylight(env):
+    """With a real sequence split each device's block sees a part of the tokens:
+    CLEAR's token check fails, and its error names the forward that split them."""
+    from comfyui_clear.nodes import clear_patch
+
+    flux = env[1].make_tiny_flux().get_model_object("diffusion_model")
+    raylight_like_inject(flux)
+    try:
+        layer = {"window": 3, "down_factor": 1, "spatial_weight": None, "proportional": False}
+        run = clear_patch._Run(flux, (2, (3, 3)), {("double", 0): layer}, None)
+        q = torch.randn(1, 2, 6, 8)  # half of 2 + 9 tokens (padded), as one of two devices sees them
+        with pytest.raises(clear_patch.CLEARPatchError, match=r"splits tokens.*usp_like_dit_forward.*This is Raylight"):
+            clear_patch._clear_attention_override(lambda *a, **k: None, q, q, q, 2, skip_reshape=True,
+                                                  transformer_options=run.options({}, "double", 0))
+    finally:
+        _undo_inject(flux)
 
 
 # ---------------------------------------------------------------------------
