@@ -361,3 +361,25 @@ def test_replacing_clear_keeps_a_lora(env):
         assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6), weights
     (no_lora,) = node.patch(model, weights, window, 0, False, 1.0)
     assert not torch.allclose(out, _sample(no_lora, latent, positive), rtol=1e-3, atol=1e-3)
+
+
+def test_read_only_clear_folder_hint_names_extra_model_paths(tmp_path, monkeypatch):
+    """Issue 17.4: with models/clear read-only the error told the user to save the
+    file into that same folder; it names a `clear:` entry in extra_model_paths.yaml."""
+    import os
+
+    from comfyui_clear.nodes import hub
+
+    folder = tmp_path / "models" / "clear"
+    folder.mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(hub.os, "access", lambda path, mode: False if str(path) == str(folder) else access(path, mode))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hub.CLEARDownloadError) as info:
+        hub.download_published("clear_local_8.safetensors", str(folder))
+    message = str(info.value)
+    assert f"{folder} is read-only" in message and "`clear:` entry" in message and "extra_model_paths.yaml" in message
+    writable = tmp_path / "writable"
+    with pytest.raises(hub.CLEARDownloadError) as info:
+        hub.download_published("clear_local_8.safetensors", str(writable))  # missing, its parent writable
+    assert "read-only" not in str(info.value) and str(writable / "clear_local_8.safetensors") in str(info.value)
