@@ -425,3 +425,24 @@ def test_block_outside_a_clear_model_call_is_an_error_not_dense(env):
         patched.unpatch_model()
     assert "forward" not in flux.single_blocks[0].__dict__ or \
         flux.single_blocks[0].__dict__["forward"].__func__ is type(flux.single_blocks[0]).forward
+
+
+@pytest.mark.slow  # dynamo traces the whole model: ~1-4 min on 2 busy cores
+@pytest.mark.parametrize("order", ["clear", "clear_then_chunking"])
+def test_torch_compile_of_the_clear_model(env, clear_counts, order):
+    """ComfyUI-style torch.compile of the whole diffusion model (an object patch,
+    eager backend) after CLEAR: the forward patches and the guard trace (graph
+    breaks allowed), same result."""
+    model = env[1].make_tiny_flux()
+    latent, positive = _inputs()
+    patched = _clear(model, order)
+    want = _sample(patched, latent, positive)
+    compiled = patched.clone()
+    compiled.add_object_patch("diffusion_model", torch.compile(compiled.get_model_object("diffusion_model"),
+                                                               backend="eager"))
+    torch._dynamo.reset()
+    try:
+        got = _sample(compiled, latent, positive)
+    finally:
+        torch._dynamo.reset()
+    assert len(clear_counts) >= 8 and _rel(got, want) < 1e-5
