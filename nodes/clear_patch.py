@@ -95,6 +95,12 @@ class _Run:
         self.forward_miss = None  # a replaced block forward that ran no CLEAR inside the current slot
         self.missed = []     # (kind, index, what stopped CLEAR or None)
 
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):  # options copied inside the call keep counting here (and never copy the model)
+        return self
+
     def block(self, kind, index):
         return (self.flux.double_blocks if kind == "double" else self.flux.single_blocks)[index]
 
