@@ -15,6 +15,12 @@ folder. Behaviour we rely on, checked in huggingface_hub's
 
 ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` are read when the download starts (not
 when huggingface_hub was imported), so a mirror set after start-up is honoured.
+Offline, huggingface_hub would retry a refused connection for ~20 s and log
+every retry (twice under ComfyUI's logging); a TCP connect probe to the
+endpoint (or its proxy) first fails in at most a few seconds with one message.
+Retry warnings of our own transfers are collapsed into one line of ours, and a
+failed attempt leaves no lock file behind (only an ``.incomplete`` file, kept
+for resuming).
 Progress goes to ComfyUI's progress bar (which is also where a user's cancel
 is raised: that exception is passed through untouched) and to the log. Only
 huggingface_hub >= 1.0 takes a ``tqdm_class``; with older versions (what
@@ -26,12 +32,18 @@ import glob
 import inspect
 import logging
 import os
+import re
+import shutil
+import socket
 import sys
 import threading
+import urllib.parse
+import urllib.request
 
 REPO_ID = "Huage001/CLEAR"
 REVISION = "main"
 DEFAULT_ENDPOINT = "https://huggingface.co"
+PROBE_TIMEOUT_S = 5.0  # DNS + TCP connect; a reachable Hub answers in well under a second
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +82,90 @@ def _manual_hint(name, dest_dir, url):
                 "restart ComfyUI: CLEAR searches that folder first and downloads into it. Or "
                 + hint[0].lower() + hint[1:])
     return hint
+
+
+def _probe_target(endpoint):
+    """(host, port) a connection to ``endpoint`` opens first: its proxy when the
+    environment sets one for it (as huggingface_hub's HTTP client honours)."""
+    parts = urllib.parse.urlsplit(endpoint)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme) or urllib.request.getproxies().get("all")
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        p = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = p.hostname, p.port or (1080 if p.scheme.startswith("socks") else 80)
+    return host, port
+
+
+def _unreachable(endpoint, timeout=PROBE_TIMEOUT_S):
+    """None when a TCP connection to the endpoint opens within ``timeout``, else
+    the reason. Runs in a thread so a hanging DNS lookup is bounded too."""
+    try:
+        host, port = _probe_target(endpoint)
+    except ValueError:  # a malformed HF_ENDPOINT or proxy: let huggingface_hub report it
+        return None
+    if not host:
+        return None
+    outcome = {}
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as exc:
+            outcome["error"] = exc
+
+    probe = threading.Thread(target=connect, name="clear-hub-probe", daemon=True)
+    probe.start()
+    probe.join(timeout + 1.0)
+    if outcome.get("ok"):
+        return None
+    error = outcome.get("error")
+    reason = f"{type(error).__name__}: {error}" if error else f"no answer within {timeout:.0f} s"
+    return f"connecting to {host}:{port}: {reason}"
+
+
+# huggingface_hub's retry warnings (request backoff in utils._http, resumed
+# transfers in file_download; the wording differs between versions)
+_RETRY_LOGGERS = ("huggingface_hub.utils._http", "huggingface_hub.file_download")
+_RETRY_MESSAGE = re.compile(r"retr|resume|thrown while requesting|error while downloading", re.IGNORECASE)
+
+
+class _RetriesLoggedOnce(logging.Filter):
+    """Drops huggingface_hub's retry warnings that come from this download (its
+    calling thread or our worker thread) and logs the first one once as ours."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name_ = name
+        self.owner = threading.get_ident()
+        self.logged = False
+
+    def filter(self, record):
+        if record.thread != self.owner and not (record.threadName or "").startswith("clear-download-"):
+            return True
+        if not _RETRY_MESSAGE.search(record.getMessage()):
+            return True
+        if not self.logged:
+            self.logged = True
+            log.warning("CLEAR: connection problem while downloading %s (%s); huggingface_hub is retrying",
+                        self.name_, " ".join(record.getMessage().split()))
+        return False
+
+
+def _remove_debris(dest_dir, name, cache_existed):
+    """After a failed download: remove huggingface_hub's lock file for ``name``,
+    and the whole ``.cache`` folder when this call created it and holds no
+    ``.incomplete`` file to resume from."""
+    cache = os.path.join(dest_dir, ".cache")
+    download = os.path.join(cache, "huggingface", "download")
+    partial = glob.glob(os.path.join(glob.escape(download), "**", "*.incomplete"), recursive=True)
+    try:
+        if not cache_existed and not partial:
+            shutil.rmtree(cache)
+        elif os.path.isfile(os.path.join(download, name + ".lock")):
+            os.remove(os.path.join(download, name + ".lock"))
+    except OSError:  # tidying up only: never hide the download error
+        pass
 
 
 def _is_comfy_interrupt(exc):
@@ -193,14 +289,25 @@ def download_published(name, dest_dir, *, on_progress=None):
             f"huggingface_hub is not installed, so {name} cannot be downloaded "
             f"(pip install huggingface_hub). {_manual_hint(name, dest_dir, url)}") from exc
 
+    endpoint = _endpoint()
+    unreachable = _unreachable(endpoint)
+    if unreachable:
+        raise CLEARDownloadError(
+            f"CLEAR weights {name} are not in {dest_dir} and the Hub at {endpoint} cannot be reached "
+            f"({unreachable}). No network? {_manual_hint(name, dest_dir, url)}")
+
     try:
         os.makedirs(dest_dir, exist_ok=True)
     except OSError as exc:
         raise CLEARDownloadError(f"Could not create {dest_dir} for CLEAR weights {name} ({exc}). "
                                  f"{_manual_hint(name, dest_dir, url)}") from exc
     callback = on_progress or _comfy_progress_callback()
-    kwargs = dict(repo_id=REPO_ID, filename=name, revision=REVISION, local_dir=dest_dir, endpoint=_endpoint())
+    kwargs = dict(repo_id=REPO_ID, filename=name, revision=REVISION, local_dir=dest_dir, endpoint=endpoint)
     log.info("CLEAR: downloading %s from %s into %s", name, url, dest_dir)
+    cache_existed = os.path.isdir(os.path.join(dest_dir, ".cache"))
+    retries = _RetriesLoggedOnce(name)
+    for logger_name in _RETRY_LOGGERS:
+        logging.getLogger(logger_name).addFilter(retries)
     try:
         if callback is None:
             path = hf_hub_download(**kwargs)
@@ -211,12 +318,16 @@ def download_published(name, dest_dir, *, on_progress=None):
     except Exception as exc:
         if _is_comfy_interrupt(exc):
             raise
+        _remove_debris(dest_dir, name, cache_existed)
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         if len(reason) > 500:
             reason = reason[:500] + "..."
         raise CLEARDownloadError(
             f"Could not download CLEAR weights {name} from {url} ({reason}). "
             f"{_manual_hint(name, dest_dir, url)}") from exc
+    finally:
+        for logger_name in _RETRY_LOGGERS:
+            logging.getLogger(logger_name).removeFilter(retries)
     path = os.path.abspath(path)
     if os.path.normcase(path) != os.path.normcase(final_path) or not os.path.isfile(path):
         raise CLEARDownloadError(f"huggingface_hub returned {path} for {name}, expected {final_path}. "

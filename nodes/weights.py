@@ -25,6 +25,7 @@ CPU in the file's dtype. Unknown keys in a file are an error, not skipped:
 a file that is not exactly a CLEAR file for this model must not half-apply.
 """
 
+import logging
 import os
 import re
 import uuid
@@ -51,6 +52,8 @@ _KEY_PATTERN = re.compile(
     r"(?:(?P<proj>to_q|to_k|to_v|to_out\.0)\.(?P<param>weight|bias)|processor\.spatial_weight)")
 _OPTIONAL_PREFIX = "transformer."  # a diffusers pipeline's transformer saved whole
 
+log = logging.getLogger(__name__)
+
 
 class CLEARWeightsError(ValueError):
     """A CLEAR weight file that cannot be used with this model (message names the file)."""
@@ -60,14 +63,22 @@ class CLEARWeightsError(ValueError):
 # Catalogue (ComfyUI's models/clear folder)
 
 def register_model_folder():
-    """Register models/clear with ComfyUI. Idempotent; a folder set in
-    extra_model_paths.yaml stays first (downloads go to the first folder)."""
+    """Register models/clear with ComfyUI and create it (the README tells
+    offline users to put the files there). Idempotent; a folder set in
+    extra_model_paths.yaml stays first (downloads go to the first folder).
+    A folder that cannot be created (read-only install) is left to the
+    download, which reports it when a file is actually needed."""
     import folder_paths
 
-    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    folder_paths.add_model_folder_path(FOLDER, default)
     extensions = folder_paths.folder_names_and_paths[FOLDER][1]
     if not extensions:  # a new key gets an empty set, which would list every file
         extensions.add(EXTENSION)
+    try:
+        os.makedirs(default, exist_ok=True)
+    except OSError as exc:  # ComfyUI must start anyway
+        log.debug("CLEAR: could not create %s: %s", default, exc)
 
 
 def weight_choices():

@@ -23,7 +23,7 @@ from conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
-MODULE = "ComfyUI-CLEAR"  # the folder name in custom_nodes/: the Templates dialog's category
+MODULE = "clear-flux"  # the folder name in custom_nodes/ (registry id, README clone): the Templates dialog's category
 WORKFLOW_DIR = os.path.join(REPO_ROOT, "workflows")
 NAMES = sorted(f[:-5] for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json"))
 VIEWPORT = {"width": 1920, "height": 1080}
@@ -40,7 +40,7 @@ def _chromium():
 
 @pytest.fixture(scope="module")
 def server(comfyui, tmp_path_factory):
-    """ComfyUI on 127.0.0.1 with this checkout as custom_nodes/ComfyUI-CLEAR and no model files."""
+    """ComfyUI on 127.0.0.1 with this checkout as custom_nodes/clear-flux (MODULE) and no model files."""
     base = tmp_path_factory.mktemp("browser_base")
     for folder in ("user", "models"):
         (base / folder).mkdir()
@@ -87,7 +87,7 @@ def _close_dialogs(pg):
 
 
 def _open_template(pg, name):
-    """Templates (left sidebar) -> ComfyUI-CLEAR -> the card, as a user clicks.
+    """Templates (left sidebar) -> MODULE -> the card, as a user clicks.
     (A first start opens the Templates dialog by itself.)"""
     category = pg.get_by_text(MODULE, exact=True).first
     if not category.is_visible():
@@ -145,6 +145,25 @@ def _link_problems(state):
         elif link_id not in nodes[src]["outputs"][src_slot] or nodes[dst]["inputs"][dst_slot] != link_id:
             problems.append(f"link {link_id} is not held by both of its slots")
     return problems
+
+
+SHOWN_NAMES = """names => {  // our template names in the open dialog, in document (= display) order
+  const seen = [];
+  for (const e of document.querySelectorAll('[role=dialog] *')) {
+    const text = (e.textContent || '').trim();
+    if (e.children.length === 0 && names.includes(text) && !seen.includes(text)) seen.push(text);
+  }
+  return seen;
+}"""
+
+
+def test_templates_are_shown_in_reading_order(page):
+    from comfyui_clear.nodes.templates import ORDER
+
+    assert sorted(ORDER) == NAMES
+    _open_template(page, ORDER[0])
+    page.wait_for_timeout(500)
+    assert page.evaluate(SHOWN_NAMES, list(ORDER)) == list(ORDER)
 
 
 @pytest.mark.parametrize("name", NAMES)

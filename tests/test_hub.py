@@ -4,6 +4,7 @@ progress-bar/cancel test at the end. The endpoint is given through the
 HF_ENDPOINT environment variable, which nodes/hub.py reads at call time."""
 
 import os
+import time
 
 import pytest
 
@@ -101,18 +102,55 @@ def test_missing_file_on_the_hub_gives_manual_install_hint(fake_hub, tmp_path):
     msg = str(err.value)
     assert f"{fake_hub.url}/{hub.REPO_ID}/resolve/main/{name}" in msg
     assert "by hand" in msg and os.path.join(str(tmp_path), name) in msg
-    assert _visible_files(tmp_path) == []
+    assert os.listdir(tmp_path) == []  # no .cache/huggingface debris either
 
 
-@pytest.mark.slow  # huggingface_hub backs off ~20 s on connection errors before giving up
-def test_nothing_listening_gives_clear_error(monkeypatch, tmp_path):
-    url = f"http://127.0.0.1:{unused_port()}"
+def _hub_retry_lines(caplog, capfd):
+    """huggingface_hub's retry warnings, through logging or its own stderr handler."""
+    records = [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")]
+    err = capfd.readouterr().err
+    return [m for m in records + err.splitlines()
+            if any(w in m for w in ("Retrying", "thrown while requesting", "resume", "Error while downloading"))]
+
+
+def test_nothing_listening_fails_fast_with_one_message_and_no_debris(monkeypatch, tmp_path, caplog, capfd):
+    url = f"http://127.0.0.1:{unused_port()}"  # offline: the endpoint refuses connections
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    dest = tmp_path / "models" / "clear"
+    dest.mkdir(parents=True)
+    start = time.monotonic()
     with pytest.raises(CLEARDownloadError) as err:
-        download_published(NAME, str(tmp_path))
-    assert f"{url}/{hub.REPO_ID}/resolve/main/{NAME}" in str(err.value)
-    assert _visible_files(tmp_path) == []
+        download_published(NAME, str(dest), on_progress=lambda *a: None)
+    assert time.monotonic() - start < 3  # huggingface_hub alone backs off ~20 s
+    msg = str(err.value)
+    assert "cannot be reached" in msg and "No network?" in msg
+    assert f"{url}/{hub.REPO_ID}/resolve/main/{NAME}" in msg and str(dest / NAME) in msg
+    assert _hub_retry_lines(caplog, capfd) == []
+    assert os.listdir(dest) == []  # not even huggingface_hub's .cache folder or a .lock file
+
+
+def test_probe_goes_through_the_proxy_the_environment_sets(monkeypatch):
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    assert hub._probe_target("https://huggingface.co") == ("huggingface.co", 443)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert hub._probe_target("https://huggingface.co") == ("proxy.example", 3128)
+    monkeypatch.setenv("no_proxy", "huggingface.co")
+    assert hub._probe_target("https://huggingface.co") == ("huggingface.co", 443)
+
+
+def test_dropped_transfers_log_one_retry_line_and_leave_no_lock(fake_hub, tmp_path, caplog, capfd):
+    fake_hub.cut = "always"  # the stand-in Hub answers, then drops every transfer: huggingface_hub retries
+    with pytest.raises(CLEARDownloadError):
+        download_published(NAME, str(tmp_path), on_progress=lambda *a: None)
+    assert _hub_retry_lines(caplog, capfd) == []
+    ours = [r for r in caplog.records if r.name == hub.__name__ and "retrying" in r.getMessage()]
+    assert len(ours) == 1, [r.getMessage() for r in caplog.records]
+    # at most a partial file kept for resuming (older huggingface_hub), never a lock
+    left = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert all(p.name.endswith(".incomplete") for p in left), left
 
 
 @pytest.mark.parametrize("name", ["../clear_local_8.safetensors", "sub/clear_local_8.safetensors", ""])
@@ -155,3 +193,54 @@ def test_progress_reaches_comfyui_progress_bar_and_cancel_propagates(comfyui, fa
         download_published(NAME, str(tmp_path / "b"))
     final = tmp_path / "b" / NAME  # never a partial file under the final name
     assert not final.exists() or final.read_bytes() == payload
+
+
+# --------------------------------------------------------------------------
+# models/clear exists from ComfyUI's start (the README sends offline users there)
+
+@pytest.fixture
+def folder_paths(comfyui, tmp_path, monkeypatch):
+    import folder_paths
+    from comfyui_clear.nodes import weights
+
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, weights.FOLDER, raising=False)
+    return folder_paths
+
+
+def test_registering_the_folder_creates_it(folder_paths, tmp_path):
+    from comfyui_clear.nodes import weights
+
+    weights.register_model_folder()
+    assert (tmp_path / "models" / "clear").is_dir()
+    assert folder_paths.get_folder_paths("clear") == [str(tmp_path / "models" / "clear")]
+
+
+def test_a_folder_that_cannot_be_created_does_not_stop_comfyui(folder_paths, tmp_path, monkeypatch):
+    from comfyui_clear.nodes import weights
+
+    (tmp_path / "locked").write_text("")  # a file where a folder would go: mkdir fails, also as root
+    models = tmp_path / "locked" / "models"
+    monkeypatch.setattr(folder_paths, "models_dir", str(models))
+    weights.register_model_folder()  # no exception
+    assert folder_paths.get_folder_paths("clear") == [str(models / "clear")]
+    assert weights.weight_choices()[-1] == weights.TRAINING_FREE  # the node still lists its choices
+
+
+def test_comfyui_loading_the_package_creates_the_folder(comfyui, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {comfyui!r})
+        import folder_paths  # as ComfyUI's main.py does before loading custom nodes
+        folder_paths.models_dir = {str(tmp_path / "models")!r}
+        import comfyui_clear
+        print(os.path.isdir(os.path.join(folder_paths.models_dir, "clear")))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == "True"

@@ -47,6 +47,15 @@ def test_node_is_listed_with_its_inputs(server):
     assert "IMPORT FAILED" not in (base / "server.log").read_text()
 
 
+def test_templates_come_in_reading_order_and_models_clear_exists(server):
+    from comfyui_clear.nodes.templates import ORDER
+
+    url, base, _ = server
+    for route in ("/workflow_templates", "/api/workflow_templates"):  # ComfyUI's reply is in directory order
+        assert _get(url + route)["ComfyUI-CLEAR"] == list(ORDER)
+    assert (base / "models" / "clear").is_dir()
+
+
 def test_prompt_with_the_node_runs_and_saves_clear_weights(server):
     url, base, clear_sd = server
     prompt = {

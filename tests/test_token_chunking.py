@@ -6,7 +6,7 @@ low-VRAM LoRA patches, fp8 weights and a ControlNet."""
 import pytest
 import torch
 
-pytestmark = pytest.mark.comfyui
+# ComfyUI tests get the comfyui marker from their fixture (conftest.py); the memory-model test needs no ComfyUI.
 
 T_CTX, VEC = 64, 32  # tiny FLUX context_in_dim / vec_in_dim (tests/flux_tiny.py)
 

@@ -43,9 +43,19 @@ def check_graph(workflow):
     return problems
 
 
-def test_workflow_set():
+def test_workflow_set_and_reading_order():
+    from comfyui_clear.nodes.templates import ORDER, in_reading_order
+
     assert NAMES == ["CLEAR FLUX 1K text to image.json", "CLEAR FLUX 4K hires + ControlNet.json",
                      "CLEAR FLUX 4K hires + LoRA.json", "CLEAR FLUX 4K hires.json", "CLEAR FLUX 8K hires.json"]
+    assert sorted(name + ".json" for name in ORDER) == NAMES  # every template has its place in the dialog
+    spec = importlib.util.spec_from_file_location("workflows_build", os.path.join(WORKFLOW_DIR, "build.py"))
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert list(build.SPECS) == list(ORDER)
+    # the server's directory-order reply, reordered: ours only, whatever our folder is called
+    shuffled = {"other-pack": ["b", "a"], "clear-attention": list(reversed(ORDER)) + ["extra"]}
+    assert in_reading_order(shuffled) == {"other-pack": ["b", "a"], "clear-attention": list(ORDER) + ["extra"]}
 
 
 @pytest.mark.parametrize("name", NAMES)

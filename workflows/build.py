@@ -326,14 +326,15 @@ r = {r} is the paper's setting at 4K-8K: the layout comes from the base image, t
     return g
 
 
-# File name (the template's title in ComfyUI) -> what it does. Alphabetical order is reading order.
+# File name (the template's title in ComfyUI) -> what it does, in reading order: the
+# Templates dialog shows them in this order (nodes/templates.py ORDER, checked by the tests).
 # target None: text to image at 1024; else the hires fix to target x target.
 # after_clear: MODEL -> MODEL nodes (type, widget values) between the CLEAR patch and the hires sampler.
 SPECS = {
     "CLEAR FLUX 1K text to image": dict(target=None, weights="clear_local_16.safetensors"),
     "CLEAR FLUX 4K hires": dict(target=4096, weights="clear_local_16.safetensors"),
-    "CLEAR FLUX 4K hires + ControlNet": dict(target=4096, weights="clear_local_16.safetensors", controlnet=True),
     "CLEAR FLUX 4K hires + LoRA": dict(target=4096, weights="clear_local_16.safetensors", lora=True),
+    "CLEAR FLUX 4K hires + ControlNet": dict(target=4096, weights="clear_local_16.safetensors", controlnet=True),
     "CLEAR FLUX 8K hires": dict(target=8192, weights="clear_local_16.safetensors",
                                 after_clear=[("CLEARTokenChunking", [0])]),
 }
