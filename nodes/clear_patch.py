@@ -6,24 +6,36 @@ user's model is never modified:
 - weights: the distilled q/k/v/out projections become weight patches placed
   first on each key (``weights.apply_clear_weights``), so LoRAs land on top;
 - a DIFFUSION_MODEL wrapper reads the token layout of every call (text length
-  from the context, token grid from the latent) and refuses inputs CLEAR
-  cannot place (reference latents);
-- ``patches_replace["dit"]`` block wrappers mark the FLUX blocks and carry
-  each layer's settings (radius, pooling weights, scale) in a copy of
-  ``transformer_options``;
+  from the context, token grid from the latent), refuses inputs CLEAR cannot
+  place (reference latents) and opens a per-call ``_Run`` that holds the
+  layout, each layer's settings (radius, pooling weights, scale) and the
+  guard's counters;
+- CLEAR reaches every FLUX block however the forward is rebuilt: an object
+  patch on each block's ``forward`` puts the layer's settings into the
+  block's ``transformer_options`` (creating them when a caller such as a
+  TeaCache-style forward passes none), and the wrapper wraps every
+  ``patches_replace["dit"]`` entry of the call, outside any other extension's
+  block patch, so a patch added after CLEAR gets them too;
 - ``optimized_attention_override`` runs ``clear_attention`` for attention
-  calls inside marked blocks and hands every other call (ControlNet, other
+  calls inside those blocks and hands every other call (ControlNet, other
   models, other extensions) to the attention ComfyUI would have used; the
-  wrapper above puts it back on top in every call, so a later node's
-  override cannot silently replace it;
+  wrapper puts it back on top in every call, so a later node's override
+  cannot silently replace it;
+- the guard: per model call, every FLUX block that ran must have run CLEAR
+  attention at least once (integer counters, no device sync); otherwise one
+  error names the node that stopped it (a block patch that replaced the
+  block, a replaced block forward such as Raylight's) or says
+  "N of M blocks ran without CLEAR";
 - RoPE NTK scaling is an object patch of ``diffusion_model.pe_embedder``, built
   from the model's own theta (never from an earlier CLEAR node's).
 """
 
+import contextvars
 import functools
 import logging
 import math
 import numbers
+import weakref
 
 from .weights import (TRAINING_FREE, apply_clear_weights, load_clear_weights, remove_clear_weights,
                       resolve_weight_file, training_setting, weight_choices)
@@ -31,6 +43,7 @@ from .weights import (TRAINING_FREE, apply_clear_weights, load_clear_weights, re
 log = logging.getLogger(__name__)
 
 WRAPPER_KEY = "comfyui_clear"
+RUN_KEY = "clear_run"  # transformer_options entry: this model call's _Run
 TRAIN_TOKENS = 64 * 64 + 512  # sequence length FLUX/CLEAR were trained at (1024 px, 512 text tokens)
 TRAINING_FREE_DEFAULT = (16, 1)
 _warned = set()
@@ -60,30 +73,230 @@ def attention_scale(head_dim, text_len, grid, down_factor, proportional):
 # Run-time hooks (plain functions bound with functools.partial: ComfyUI
 # deep-copies model_options when a model is cloned)
 
+# This model call's _Run, for block calls that arrive without transformer_options
+# (a TeaCache-style forward_orig drops them). Per thread: ComfyUI's multi-GPU
+# worker threads each run their own call.
+_RUN = contextvars.ContextVar("comfyui_clear_run", default=None)
+
+
+class _Run:
+    """One call of a CLEAR model: where CLEAR's settings come from in every block,
+    and the guard's counters (Python integers: nothing waits for the device)."""
+
+    __slots__ = ("flux", "tokens", "layers", "override", "blocks", "clear", "forwards", "slot", "forward_miss",
+                 "missed")
+
+    def __init__(self, flux, tokens, layers, override):
+        self.flux, self.tokens, self.layers, self.override = flux, tokens, layers, override
+        self.blocks = 0      # FLUX blocks that ran
+        self.clear = 0       # attention calls that ran CLEAR
+        self.forwards = 0    # calls of CLEAR's block-forward patch
+        self.slot = None     # the patches_replace block running now: (kind, index)
+        self.forward_miss = None  # a replaced block forward that ran no CLEAR inside the current slot
+        self.missed = []     # (kind, index, what stopped CLEAR or None)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):  # options copied inside the call keep counting here (and never copy the model)
+        return self
+
+    def block(self, kind, index):
+        return (self.flux.double_blocks if kind == "double" else self.flux.single_blocks)[index]
+
+    def options(self, options, kind, index):
+        """A block's transformer_options (or none) with this layer's CLEAR settings."""
+        options = dict(options or {})
+        options["clear_layer"] = self.layers[(kind, index)]
+        options["clear_tokens"] = self.tokens
+        options[RUN_KEY] = self
+        current = options.get("optimized_attention_override")
+        if current is None:
+            options["optimized_attention_override"] = self.override
+        elif not _is_clear_override(current):  # set by something inside this call
+            options["optimized_attention_override"] = _override_on_top(options)
+        return options
+
+    def ran(self, kind, index, before, culprit):
+        """Count one block; it missed CLEAR if no CLEAR attention ran since ``before``."""
+        self.blocks += 1
+        if self.clear == before:
+            self.missed.append((kind, index, culprit))
+
+
 def _layout_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                    transformer_options={}, **kwargs):
-    """DIFFUSION_MODEL wrapper: record [text | image grid] of this call."""
+                    transformer_options={}, *, clear_layers=None, **kwargs):
+    """DIFFUSION_MODEL wrapper: record [text | image grid] of this call, give
+    every block CLEAR's settings, and check afterwards that CLEAR ran in each."""
     if ref_latents:
         raise CLEARPatchError(
             "CLEAR does not support reference latents (FLUX Kontext-style image inputs): their tokens sit "
             "outside the image grid. Use the model without the CLEAR Attention Patch for Kontext edits.")
-    p = executor.class_obj.patch_size
+    flux = executor.class_obj
+    p = flux.patch_size
     grid = ((x.shape[-2] + p // 2) // p, (x.shape[-1] + p // 2) // p)  # as Flux.process_img pads
-    transformer_options = {**transformer_options, "clear_tokens": (context.shape[1], grid),
-                           "optimized_attention_override": _override_on_top(transformer_options)}
-    return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+    tokens = (context.shape[1], grid)
+    override = _override_on_top(transformer_options)
+    run = _Run(flux, tokens, clear_layers or {}, override)
+    transformer_options = {**transformer_options, "clear_tokens": tokens, RUN_KEY: run,
+                           "optimized_attention_override": override,
+                           "patches_replace": _guarded_block_patches(transformer_options, run)}
+    token = _RUN.set(run)
+    try:
+        out = executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+    finally:
+        _RUN.reset(token)
+    if run.missed:  # a cache hit that ran no block at all is fine
+        raise CLEARPatchError(_guard_message(run))
+    return out
 
 
-def _clear_block(args, extra, *, layer, previous=None):
-    """patches_replace["dit"] wrapper: run the block with this layer's CLEAR settings.
-    The outermost wrapper (the last CLEAR node) wins: an earlier CLEAR node's
-    wrapper can stay below another extension's block patch in the chain."""
-    options = dict(args.get("transformer_options") or {})
-    options.setdefault("clear_layer", layer)
-    args = {**args, "transformer_options": options}
-    if previous is not None:
-        return previous(args, extra)
-    return extra["original_block"](args)
+def _guarded_block_patches(transformer_options, run):
+    """This call's patches_replace, with every FLUX block's entry wrapped by
+    _guard_block (outermost: block patches added after CLEAR sit inside it)."""
+    patches_replace = dict(transformer_options.get("patches_replace") or {})
+    dit = patches_replace.get("dit") or {}
+    guarded = dict(dit)
+    for kind, index in run.layers:
+        key = (f"{kind}_block", index)
+        guarded[key] = functools.partial(_guard_block, run=run, kind=kind, index=index, inner=dit.get(key))
+    patches_replace["dit"] = guarded
+    return patches_replace
+
+
+def _guard_block(args, extra, *, run, kind, index, inner=None):
+    """patches_replace["dit"] entry of one call: run the block (and any other
+    extension's patch of it) with this layer's CLEAR settings, and count it.
+    A patch that replaces the block still runs CLEAR if it calls ComfyUI's
+    attention with the options it got; otherwise the guard names it."""
+    original = extra["original_block"]
+    called = []
+
+    def original_block(block_args):
+        called.append(True)
+        return original(block_args)
+
+    args = {**args, "transformer_options": run.options(args.get("transformer_options"), kind, index)}
+    outer, run.slot, run.forward_miss = run.slot, (kind, index), None
+    before, forwards = run.clear, run.forwards
+    try:
+        if inner is None:
+            out = original_block(args)
+        else:
+            out = inner(args, {**extra, "original_block": original_block})
+    finally:
+        run.slot = outer
+    culprit = None
+    if run.clear == before:
+        if not called and isinstance(out, dict) and out.get("img") is args["img"]:
+            return out  # skipped: the block's inputs come back (Skip Layer Guidance); nothing ran
+        if inner is not None and not called:
+            culprit = (f"the block patch {_name(inner)} (patches_replace[\"dit\"][(\"{kind}_block\", {index})]) "
+                       "replaces the block without calling original_block, and without ComfyUI's attention")
+        elif run.forward_miss:
+            culprit = run.forward_miss
+        elif called and run.forwards == forwards:  # CLEAR's forward patch was replaced after it was applied
+            live = getattr(_live_block(run, kind, index), "__dict__", {}).get("forward")
+            if live is not None:
+                culprit = _replaced_forward(live)
+    run.ran(kind, index, before, culprit)
+    return out
+
+
+def _live_block(run, kind, index):
+    try:
+        return run.block(kind, index)
+    except (AttributeError, IndexError, TypeError):  # another extension rebuilt the block list
+        return None
+
+
+def _clear_forward(*args, clear_block, clear_previous=None, clear_bound=True, clear_module=None, **kwargs):
+    """Object patch of a FLUX block's ``forward``: the block runs with its CLEAR
+    settings however it is called (with or without transformer_options).
+    ``clear_previous``: the forward it replaced when that was not the class's
+    own (called with the block first when ``clear_bound``). The block is this
+    call's (ComfyUI's multi-GPU clones reuse object patches on their own copy of
+    the model); ``clear_module``, a weak reference to the block patched, when
+    another extension moved the blocks."""
+    kind, index = clear_block
+    options = kwargs.get("transformer_options")
+    run = (options.get(RUN_KEY) if options else None) or _RUN.get()
+    if run is None:
+        raise CLEARPatchError(
+            f"CLEAR: FLUX {kind} block {index} ran outside a model call of the CLEAR model: something calls the "
+            "model's forward or blocks directly, bypassing ComfyUI's model wrappers, so CLEAR cannot place "
+            "its tokens. Remove that node or the CLEAR Attention Patch.")
+    block = _live_block(run, kind, index)
+    if getattr(getattr(block, "__dict__", {}).get("forward"), "keywords", {}).get("clear_block") != clear_block:
+        block = clear_module() if clear_module is not None else None  # not this call's model: the patched one
+        if block is None:
+            raise CLEARPatchError(f"CLEAR: cannot find FLUX {kind} block {index} of this model call: another "
+                                  "node rebuilt the model's blocks. Remove that node or the CLEAR Attention Patch.")
+    kwargs["transformer_options"] = run.options(options, kind, index)
+    before = run.clear
+    run.forwards += 1
+    if clear_previous is None:
+        out = type(block).forward(block, *args, **kwargs)
+    elif clear_bound:
+        out = clear_previous(block, *args, **kwargs)
+    else:
+        out = clear_previous(*args, **kwargs)
+    culprit = None if clear_previous is None else _replaced_forward(clear_previous)
+    if run.slot is None:
+        run.ran(kind, index, before, culprit)
+    elif run.clear == before:
+        run.forward_miss = culprit
+    return out
+
+
+def _name(obj):
+    """module.qualname of a function, method, partial or callable object."""
+    obj = getattr(obj, "__func__", obj)
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    module = getattr(obj, "__module__", None) or type(obj).__module__
+    qualname = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"{module}.{qualname}"
+
+
+def _replaced_forward(forward):
+    return f"the block's forward is replaced by {_name(forward)}, which does not run ComfyUI's attention"
+
+
+# Extensions known to replace FLUX's forward (matched in the module name), and what to do
+_KNOWN_EXTENSIONS = {
+    "raylight": ("Raylight", "its sequence-parallel (xDiT Ulysses/ring) attention runs instead of ComfyUI's and "
+                             "cannot run CLEAR's local mask; run this model without Raylight's sequence "
+                             "parallelism, or without the CLEAR Attention Patch"),
+}
+
+
+def _forward_orig_note(flux):
+    """'; the model's forward_orig is replaced by X' where another extension did so."""
+    forward_orig = getattr(flux, "__dict__", {}).get("forward_orig")
+    if forward_orig is None or getattr(forward_orig, "__func__", None) is type(flux).forward_orig:
+        return ""
+    return f" (the model's forward_orig is replaced by {_name(forward_orig)})"
+
+
+def _with_known_extensions(message):
+    text = message.lower()
+    for key, (name, advice) in _KNOWN_EXTENSIONS.items():
+        if key in text:
+            message += f" This is {name}: {advice}."
+    return message
+
+
+def _guard_message(run):
+    where = ", ".join(f"{kind} {index}" for kind, index, _ in run.missed[:8]) + (", ..." if len(run.missed) > 8 else "")
+    culprits = list(dict.fromkeys(c for _, _, c in run.missed if c))
+    message = (f"CLEAR: {len(run.missed)} of {run.blocks} FLUX blocks ran without CLEAR attention ({where})"
+               + _forward_orig_note(run.flux))
+    if culprits:
+        message += ": " + "; ".join(culprits)
+    return _with_known_extensions(
+        message + ". With CLEAR's weights but not its attention the image would silently differ, so sampling "
+        "stops. Remove the node that replaces these blocks, or use the model without the CLEAR Attention Patch.")
 
 
 def _fit_to_grid(window, down_factor, spatial_weight, grid):
@@ -122,6 +335,9 @@ def _clear_attention_override(func, *args, previous=None, **kwargs):
 
     from ..kernels import clear_attention
 
+    run = options.get(RUN_KEY)
+    if run is not None:
+        run.clear += 1  # the guard's count
     q, k, v, heads = args[:4]
     text_len, grid = tokens
     if kwargs.get("mask") is not None:
@@ -131,10 +347,12 @@ def _clear_attention_override(func, *args, previous=None, **kwargs):
         b, _, inner = q.shape
         q, k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
     if q.shape[2] != text_len + grid[0] * grid[1]:
-        raise CLEARPatchError(
+        raise CLEARPatchError(_with_known_extensions(
             f"CLEAR expected {text_len} text + {grid[0]}x{grid[1]} image tokens in a FLUX block but got "
-            f"{q.shape[2]}: another node adds tokens (e.g. reference images, IP-Adapter-style tokens), "
-            "which CLEAR's local mask cannot place. Remove that node or the CLEAR Attention Patch.")
+            f"{q.shape[2]}: another node adds or splits tokens (e.g. reference images, IP-Adapter-style tokens, "
+            "sequence parallelism), which CLEAR's local mask cannot place"
+            + _forward_orig_note(run.flux if run is not None else None)
+            + ". Remove that node or the CLEAR Attention Patch."))
     scale = attention_scale(q.shape[-1], text_len, grid, layer["down_factor"], layer["proportional"])
     window, down, spatial_weight = _fit_to_grid(layer["window"], layer["down_factor"], layer["spatial_weight"], grid)
     out = clear_attention(q, k, v, text_len=text_len, grid=grid, window=window,
@@ -291,6 +509,25 @@ def _settings(weights, window_size, down_factor, file_down_factor, path=None):
     return window, down
 
 
+def _forward_patch(current, block, where):
+    """CLEAR's object patch for a block's ``forward``, over ``current`` (what
+    get_model_object returns: the class's own bound method, an earlier CLEAR
+    node's patch, which this one replaces, or another extension's forward).
+    Holds no bound method of the live block (only a weak reference): ComfyUI's
+    multi-GPU clones reuse object patches on their own copy of the model, and
+    the block is looked up in each call's model."""
+    if isinstance(current, functools.partial) and current.func is _clear_forward:
+        previous, bound = current.keywords.get("clear_previous"), current.keywords.get("clear_bound", True)
+    elif getattr(current, "__self__", None) is block:
+        previous, bound = current.__func__, True
+        if previous is type(block).forward:
+            previous = None
+    else:
+        previous, bound = current, False
+    return functools.partial(_clear_forward, clear_block=where, clear_previous=previous, clear_bound=bound,
+                             clear_module=weakref.ref(block))
+
+
 def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down_factor=0,
                 proportional_attention=False, rope_ntk_factor=1.0):
     """Return a clone of ``model`` (a ComfyUI ModelPatcher of FLUX) running CLEAR."""
@@ -323,20 +560,20 @@ def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down
             sw = clear_weights.spatial_weights.get((kind, index))
         return {"window": window, "down_factor": down, "spatial_weight": sw, "proportional": proportional_attention}
 
-    options = m.model_options.setdefault("transformer_options", {})
-    dit = options.get("patches_replace", {}).get("dit", {})
+    layers = {}
     for kind, blocks in (("double", diffusion_model.double_blocks), ("single", diffusion_model.single_blocks)):
         for i in range(len(blocks)):
-            previous = _unwrap(dit.get((f"{kind}_block", i)), _clear_block)
-            m.set_model_patch_replace(functools.partial(_clear_block, layer=layer(kind, i), previous=previous),
-                                      "dit", f"{kind}_block", i)
-    options = m.model_options["transformer_options"]
+            layers[(kind, i)] = layer(kind, i)
+            key = f"diffusion_model.{kind}_blocks.{i}.forward"
+            m.add_object_patch(key, _forward_patch(m.get_model_object(key), blocks[i], (kind, i)))
+    options = m.model_options.setdefault("transformer_options", {})
     previous = _unwrap(options.get("optimized_attention_override"), _clear_attention_override)
     options["optimized_attention_override"] = functools.partial(_clear_attention_override, previous=previous)
 
     import comfy.patcher_extension
     m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _layout_wrapper)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                           functools.partial(_layout_wrapper, clear_layers=layers))
 
     if rope_ntk_factor != 1.0:
         from comfy.ldm.flux.layers import EmbedND

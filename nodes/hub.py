@@ -65,9 +65,23 @@ def _offline():
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _writable(folder):
+    """Whether a file can be created in ``folder`` (or, missing, in its nearest existing parent)."""
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 def _manual_hint(name, dest_dir, url):
-    return (f"Download it by hand from {url} (repo page: https://huggingface.co/{REPO_ID}) "
+    hint = (f"Download it by hand from {url} (repo page: https://huggingface.co/{REPO_ID}) "
             f"and save it as {os.path.join(os.path.abspath(dest_dir), name)}, then run the workflow again.")
+    if not _writable(dest_dir):
+        hint = (f"{os.path.abspath(dest_dir)} is read-only. Add a `clear:` entry with a writable folder to "
+                "ComfyUI's extra_model_paths.yaml (e.g. under `comfyui:`, `clear: /path/to/writable/clear`) and "
+                "restart ComfyUI: CLEAR searches that folder first and downloads into it. Or "
+                + hint[0].lower() + hint[1:])
+    return hint
 
 
 def _probe_target(endpoint):
@@ -282,7 +296,11 @@ def download_published(name, dest_dir, *, on_progress=None):
             f"CLEAR weights {name} are not in {dest_dir} and the Hub at {endpoint} cannot be reached "
             f"({unreachable}). No network? {_manual_hint(name, dest_dir, url)}")
 
-    os.makedirs(dest_dir, exist_ok=True)
+    try:
+        os.makedirs(dest_dir, exist_ok=True)
+    except OSError as exc:
+        raise CLEARDownloadError(f"Could not create {dest_dir} for CLEAR weights {name} ({exc}). "
+                                 f"{_manual_hint(name, dest_dir, url)}") from exc
     callback = on_progress or _comfy_progress_callback()
     kwargs = dict(repo_id=REPO_ID, filename=name, revision=REVISION, local_dir=dest_dir, endpoint=endpoint)
     log.info("CLEAR: downloading %s from %s into %s", name, url, dest_dir)

@@ -18,16 +18,18 @@ the GELU activations and their concatenation.
 Each Linear layer is cast, dequantized (fp8, GGUF) and patched (LoRA in low-VRAM
 mode) once per block call, and the chunks reuse that weight.
 
-Hooked in like CLEAR: ``patches_replace["dit"]`` wrappers that chain with any
-earlier wrapper of the block (the CLEAR Attention Patch), in either node order,
-and a DIFFUSION_MODEL wrapper that hands the blocks their modules through this
-call's ``transformer_options`` (model_options are deep-copied by ComfyUI).
+Hooked in with ``patches_replace["dit"]`` wrappers that chain with any earlier
+wrapper of the block, and a DIFFUSION_MODEL wrapper that hands the blocks their
+modules through this call's ``transformer_options`` (model_options are
+deep-copied by ComfyUI). The CLEAR Attention Patch, in either node order, wraps
+these per call and gives them its settings in the options.
 """
 
 import contextlib
 import functools
 import logging
 import math
+import numbers
 
 from .clear_patch import _unwrap, _warn_once
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 WRAPPER_KEY = "comfyui_clear_token_chunking"
 MODEL_KEY = "clear_chunking_model"  # transformer_options entry: the Flux module of this call
+UNCHUNKED_KEY = "clear_chunking_unchunked"  # transformer_options entry: {why: block kinds} run unchunked this call
 MIN_CHUNK = 256  # smallest auto chunk
 TEXT_TOKENS = 512
 
@@ -317,8 +320,14 @@ def _unsupported(kind, block, args):
 def _model_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                    transformer_options={}, **kwargs):
     """DIFFUSION_MODEL wrapper: let the block wrappers find this call's Flux module."""
-    transformer_options = {**transformer_options, MODEL_KEY: executor.class_obj}
-    return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+    unchunked = {}
+    transformer_options = {**transformer_options, MODEL_KEY: executor.class_obj, UNCHUNKED_KEY: unchunked}
+    out = executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+    if unchunked:  # one line per model, not one per block (a FLUX.2 [dev] has 56)
+        reasons = "; ".join(f"{' and '.join(sorted(kinds))} blocks: {why}" for why, kinds in unchunked.items())
+        _warn_once(f"FLUX Token Chunking: blocks of this model run unchunked (ComfyUI's own block, "
+                   f"full activation memory): {reasons}.")
+    return out
 
 
 def _run_chunked(args, *, original, kind, index, chunk_tokens):
@@ -330,7 +339,7 @@ def _run_chunked(args, *, original, kind, index, chunk_tokens):
     block = (flux.double_blocks if kind == "double" else flux.single_blocks)[index]
     why = _unsupported(kind, block, args)
     if why is not None:
-        _warn_once(f"FLUX Token Chunking: {kind} block {index} runs unchunked: {why}.")
+        args["transformer_options"].get(UNCHUNKED_KEY, {}).setdefault(why, set()).add(kind)
         return original(args)
     img = args["img"]
     tokens = img.shape[1] + (args["txt"].shape[1] if kind == "double" else 0)
@@ -363,6 +372,19 @@ def _chunk_block(args, extra, *, kind, index, chunk_tokens, previous=None):
     return original(args)
 
 
+def _checked_chunk_tokens(chunk_tokens):
+    """A whole number >= 0 (whole floats taken as ints), checked when the node runs:
+    ComfyUI checks widget values, not values linked from other nodes or passed
+    from Python, which would fail later inside the sampler."""
+    value = chunk_tokens
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+        raise TokenChunkingError(f"chunk_tokens must be a whole number >= 0 (tokens per chunk; 0 = auto), "
+                                 f"got {type(chunk_tokens).__name__} {chunk_tokens!r}")
+    return int(value)
+
+
 def patch_model(model, chunk_tokens=0):
     """Return a clone of ``model`` (a ComfyUI ModelPatcher of FLUX) with token-chunked blocks."""
     import comfy.ldm.flux.model
@@ -373,8 +395,7 @@ def patch_model(model, chunk_tokens=0):
         raise TokenChunkingError(
             f"FLUX Token Chunking needs a FLUX model; got {type(diffusion_model).__name__}. "
             "Connect the output of a FLUX model loader (or of the CLEAR Attention Patch).")
-    if chunk_tokens < 0:
-        raise TokenChunkingError(f"chunk_tokens must be >= 0 (0 = auto), got {chunk_tokens}")
+    chunk_tokens = _checked_chunk_tokens(chunk_tokens)
     m = model.clone()
     dit = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     for kind, blocks in (("double", diffusion_model.double_blocks), ("single", diffusion_model.single_blocks)):

@@ -92,10 +92,17 @@ def _other_override(calls):
 
 
 def _plain_block(args, extra):
-    """A dit block patch of another extension that replaces CLEAR's on one block:
-    that block's attention is not CLEAR's."""
-    return extra["original_block"]({**args, "transformer_options": {
-        k: v for k, v in args["transformer_options"].items() if k != "clear_layer"}})
+    """A dit block patch of another extension (IP-adapter style): the block, plus
+    one attention call of its own (image queries on a few extra tokens) through
+    ComfyUI's attention, with the options minus CLEAR's layer marker: a call
+    that is not CLEAR's to take."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    out = extra["original_block"](args)
+    options = {k: v for k, v in args["transformer_options"].items() if k != "clear_layer"}
+    img = out["img"]
+    tokens = img[:, :3]
+    return {**out, "img": img + 0.1 * optimized_attention(img, tokens, tokens, 2, transformer_options=options)}
 
 
 def test_a_later_attention_override_does_not_turn_clear_off(env, caplog, monkeypatch):
@@ -118,13 +125,15 @@ def test_a_later_attention_override_does_not_turn_clear_off(env, caplog, monkeyp
         out = _sample(later, latent, positive)
         _sample(later, latent, positive)
     assert torch.equal(out, expected)
-    assert len(calls) == 2  # the one block CLEAR does not take, in each of the two runs
+    assert len(calls) == 2  # the patch's own attention call, in each of the two runs
     assert len([r for r in caplog.records if "sage_like_override" in r.getMessage()]) == 1
 
     import comfy.patcher_extension
 
     dense = later.clone()  # the same chain with CLEAR's override really gone is not the same image
     dense.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, clear_patch.WRAPPER_KEY)
+    for key in [k for k in dense.object_patches if k.endswith(".forward")]:
+        del dense.object_patches[key]
     assert not torch.allclose(_sample(dense, latent, positive), expected, rtol=1e-3, atol=1e-3)
 
 
@@ -241,7 +250,10 @@ def test_bad_inputs_fail_at_patch_time_naming_the_input(env, tiny, inputs, name)
 def test_whole_number_floats_are_accepted(env, tiny):
     clear_patch = env[0]
     patched = clear_patch.patch_model(tiny, FREE, 4.0, 2.0, False, 4)
-    layer = patched.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].keywords["layer"]
+    import comfy.patcher_extension
+
+    wrapper = patched.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL][clear_patch.WRAPPER_KEY][0]
+    layer = wrapper.keywords["clear_layers"][("double", 0)]
     assert (layer["window"], layer["down_factor"]) == (4, 2) and type(layer["window"]) is int
 
 
@@ -349,3 +361,25 @@ def test_replacing_clear_keeps_a_lora(env):
         assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6), weights
     (no_lora,) = node.patch(model, weights, window, 0, False, 1.0)
     assert not torch.allclose(out, _sample(no_lora, latent, positive), rtol=1e-3, atol=1e-3)
+
+
+def test_read_only_clear_folder_hint_names_extra_model_paths(tmp_path, monkeypatch):
+    """Issue 17.4: with models/clear read-only the error told the user to save the
+    file into that same folder; it names a `clear:` entry in extra_model_paths.yaml."""
+    import os
+
+    from comfyui_clear.nodes import hub
+
+    folder = tmp_path / "models" / "clear"
+    folder.mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(hub.os, "access", lambda path, mode: False if str(path) == str(folder) else access(path, mode))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(hub.CLEARDownloadError) as info:
+        hub.download_published("clear_local_8.safetensors", str(folder))
+    message = str(info.value)
+    assert f"{folder} is read-only" in message and "`clear:` entry" in message and "extra_model_paths.yaml" in message
+    writable = tmp_path / "writable"
+    with pytest.raises(hub.CLEARDownloadError) as info:
+        hub.download_published("clear_local_8.safetensors", str(writable))  # missing, its parent writable
+    assert "read-only" not in str(info.value) and str(writable / "clear_local_8.safetensors") in str(info.value)

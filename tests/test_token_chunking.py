@@ -240,9 +240,9 @@ def test_gguf_weights_dequantize_once_per_block_call(tiny, chunking, monkeypatch
     the unchunked result and dequantizes each layer once per block call."""
     import comfy.model_patcher
     import comfy.supported_models
-    import gguf
 
-    ops = _comfyui_gguf()
+    ops = _comfyui_gguf()  # skips, as the other GGUF tests do, without gguf or ComfyUI-GGUF
+    import gguf
     dense = tiny.make_tiny_flux().model
     config = comfy.supported_models.Flux(tiny.tiny_unet_config())
     config.set_inference_dtype(torch.float32, torch.float32)
@@ -361,10 +361,37 @@ def test_cancel_stops_between_chunks(tiny, chunking):
     chunking.single_block(dm.single_blocks[0], args, 4)
 
 
-def test_bad_inputs_raise(tiny, chunking):
+@pytest.mark.parametrize("value", [-1, 16.5, "64", None, True, float("nan"), float("inf"), -16.0, [16]])
+def test_bad_chunk_tokens_fail_at_patch_time_naming_the_input(tiny, chunking, value):
+    """Issue 17.3: 16.5 and "64" were accepted and crashed inside the sampler."""
     model = tiny.make_tiny_flux()
-    with pytest.raises(chunking.TokenChunkingError, match="chunk_tokens must be >= 0"):
-        chunking.patch_model(model, -1)
+    with pytest.raises(chunking.TokenChunkingError, match=r"^chunk_tokens must be a whole number >= 0"):
+        chunking.patch_model(model, value)
+
+
+def test_whole_float_chunk_tokens_is_taken_as_an_int(tiny, chunking):
+    patched = chunking.patch_model(tiny.make_tiny_flux(), 16.0)
+    wrapper = patched.model_options["transformer_options"]["patches_replace"]["dit"][("single_block", 0)]
+    assert wrapper.keywords["chunk_tokens"] == 16 and type(wrapper.keywords["chunk_tokens"]) is int
+
+
+def test_fallback_warns_once_per_model_naming_the_block_types(tiny, chunking, ran, caplog, monkeypatch):
+    """Issue 17.4: one warning per block before (a FLUX.2 [dev] logged 56 lines)."""
+    import logging
+
+    from comfyui_clear.nodes import clear_patch
+
+    monkeypatch.setattr(clear_patch, "_warned", set())
+    model = tiny.make_tiny_flux()
+    model.set_model_attn1_patch(lambda q, k, v, **kwargs: {})  # blocks chunking cannot reproduce
+    patched = chunking.patch_model(model, 8)
+    latent = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(23))
+    with caplog.at_level(logging.WARNING):
+        for seed in (1, 2):
+            _sample(patched, latent, _conditioning(4, seed=seed))
+    lines = [r.getMessage() for r in caplog.records if "FLUX Token Chunking" in r.getMessage()]
+    assert len(lines) == 1 and "double and single blocks: an attn1 patch" in lines[0], lines
+    assert ran == {"double": 0, "single": 0}
 
 
 def test_node_interface(chunking):
