@@ -138,13 +138,20 @@ def _to(value, device):
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
+def _process_img(flux, x, transformer_options):
+    import inspect
+    if "transformer_options" in inspect.signature(flux.process_img).parameters:  # 0.33: RoPE options
+        return flux.process_img(x, transformer_options=transformer_options)
+    return flux.process_img(x)
+
+
 def _band_forward(x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                   transformer_options={}, *, flux, img_ids, **kwargs):
     """One band's forward: Flux._forward's steps, with the band's slice of the
     full image's positions (so RoPE is the full image's)."""
     import torch
 
-    img, _ = flux.process_img(x, transformer_options=transformer_options)
+    img, _ = _process_img(flux, x, transformer_options)
     bs = x.shape[0]
     txt_ids = torch.zeros((bs, context.shape[1], len(flux.params.axes_dim)), device=x.device, dtype=torch.float32)
     for i in getattr(flux.params, "txt_ids_dims", None) or []:
@@ -178,7 +185,7 @@ def _split_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_la
     bs, _, h_orig, w_orig = x.shape
     xp = comfy.ldm.common_dit.pad_to_patch_size(x, (p, p))  # pad the whole image, as Flux.process_img does
     h, w = xp.shape[-2] // p, xp.shape[-1] // p
-    _, img_ids = flux.process_img(x, transformer_options=transformer_options)  # the full image's positions
+    _, img_ids = _process_img(flux, x, transformer_options)  # the full image's positions
     workers = _workers(flux, x, transformer_options, gpus)
     bands = band_rows(h, len(workers))
     workers = workers[:len(bands)]  # never more bands than token rows
