@@ -258,3 +258,45 @@ def test_refuses_without_engine(comfyui, monkeypatch):
     assert not band_split.has_engine()
     with pytest.raises(band_split.BandSplitError, match=r"ComfyUI 0\.33\.0 or newer"):
         band_split.split_model(flux_tiny.make_tiny_flux(), 2)
+
+
+def test_core_multigpu_clones_run_the_bands(comfyui, monkeypatch, exchanges):
+    """The engine path: ComfyUI core's create_multigpu_deepclones makes a fresh
+    model per extra device (a second CPU device index stands in for a GPU),
+    with the LoRA's weight patches; each band runs on its own device's clone.
+    On a ComfyUI without the engine the node refuses instead."""
+    import comfy.model_management
+    import flux_tiny
+
+    from comfyui_clear.nodes import band_split, clear_patch
+    if not band_split.has_engine():
+        with pytest.raises(band_split.BandSplitError, match=r"ComfyUI 0\.33\.0"):
+            band_split.split_model(flux_tiny.make_tiny_flux(), 2)
+        return
+    cpu, stand_in = torch.device("cpu"), torch.device("cpu", 0)  # unequal devices, both the CPU
+    monkeypatch.setattr(comfy.model_management, "get_all_torch_devices", lambda exclude_current=False: [cpu, stand_in])
+    base = flux_tiny.make_tiny_flux()
+    base.cached_patcher_init = (flux_tiny.make_tiny_flux, ())  # as core loaders register it
+    gen = torch.Generator().manual_seed(9)
+    lora = {f"diffusion_model.{name}.weight": (0.1 * torch.randn(m.weight.shape, generator=gen) / m.weight.shape[1] ** 0.5,)
+            for name, m in base.model.diffusion_model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "blocks." in name}
+    base.add_patches(lora, 1.0)
+    clear = clear_patch.patch_model(base, "none (training-free)", window_size=3)
+    latent = torch.randn(2, 16, 18, 14, generator=torch.Generator().manual_seed(1))
+    positive = flux_tiny.conditioning(5, seed=2)
+    want = flux_tiny.sample_one_step(clear, latent, positive)
+    split = band_split.split_model(clear, 2)
+    assert [m.load_device for m in split.get_additional_models_with_key("multigpu")] == [stand_in]
+    ran = []
+    real = band_split._band_forward
+    monkeypatch.setattr(band_split, "_band_forward", lambda *a, flux, **k: ran.append(flux) or real(*a, flux=flux, **k))
+    try:
+        got = flux_tiny.sample_one_step(split, latent, positive)
+    finally:
+        comfy.model_management.unload_all_models()
+    assert len(ran) == 2 and ran[0] is clear.model.diffusion_model and ran[1] is not ran[0]
+    assert _rel(got, want) < 1e-5 and [e.parts for e in exchanges] == [2]
+    # the LoRA reached the clone: without it the result moves
+    assert _rel(flux_tiny.sample_one_step(clear_patch.patch_model(flux_tiny.make_tiny_flux(), "none (training-free)",
+                                                                  window_size=3), latent, positive), want) > 1e-3
