@@ -300,3 +300,46 @@ def test_core_multigpu_clones_run_the_bands(comfyui, monkeypatch, exchanges):
     # the LoRA reached the clone: without it the result moves
     assert _rel(flux_tiny.sample_one_step(clear_patch.patch_model(flux_tiny.make_tiny_flux(), "none (training-free)",
                                                                   window_size=3), latent, positive), want) > 1e-3
+
+
+def _tiny_with_ops(flux_tiny, weight_dtype=None, operations=None, quantize=None):
+    """The tiny FLUX with its block weights stored as fp8 or GGUF (ComfyUI's own
+    manual-cast ops or ComfyUI-GGUF's ops), computing in float32."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux(flux_tiny.tiny_unet_config())
+    config.set_inference_dtype(weight_dtype or torch.float32, torch.float32)
+    if operations is not None:
+        config.custom_operations = operations
+    model = config.get_model({})
+    sd = {key: quantize(value) if "blocks." in key and key.endswith(".weight") and value.dim() == 2 else value
+          for key, value in flux_tiny.make_tiny_flux().model.diffusion_model.state_dict().items()}
+    model.diffusion_model.load_state_dict(sd, strict=False)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, cpu, cpu)
+
+
+@pytest.mark.parametrize("weights", ["fp8", "gguf"])
+def test_split_quantized_weights(env, exchanges, weights):
+    """fp8 weights (ComfyUI's manual-cast layers) and GGUF Q8_0 weights
+    (ComfyUI-GGUF's layers): the split gives the unsplit result."""
+    flux_tiny, clear_patch, band_split = env
+    if weights == "fp8":
+        model = _tiny_with_ops(flux_tiny, torch.float8_e4m3fn, quantize=lambda w: w.to(torch.float8_e4m3fn))
+    else:
+        import gguf
+
+        from _gguf import import_comfyui_gguf
+        ops = import_comfyui_gguf().ops
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        model = _tiny_with_ops(flux_tiny, operations=ops.GGMLOps, quantize=lambda w: ops.GGMLTensor(
+            torch.from_numpy(gguf.quants.quantize(w.numpy(), q8)), tensor_type=q8, tensor_shape=w.shape))
+    clear = clear_patch.patch_model(model, "none (training-free)", window_size=3)
+    latent = torch.randn(1, 16, 14, 12, generator=torch.Generator().manual_seed(17))
+    positive = flux_tiny.conditioning(4, seed=18)
+    want = flux_tiny.sample_one_step(clear, latent, positive)
+    got = flux_tiny.sample_one_step(band_split.split_model(clear, 3), latent, positive)
+    assert _rel(got, want) < 1e-5 and [e.parts for e in exchanges] == [3]
+    full = clear_patch.patch_model(flux_tiny.make_tiny_flux(), "none (training-free)", window_size=3)
+    assert _rel(want, flux_tiny.sample_one_step(full, latent, positive)) > 1e-4  # really the quantized weights
