@@ -112,12 +112,68 @@ class Exchange:
         return t.to(device) if device is not None else t
 
 
-def text_partial(q_text, keys, values, scale, key_chunk=8192):
-    """Text queries over some keys: (normalised output fp32, log-sum-exp fp32).
+def _sdpa_with_lse(q, k, v, scale):
+    """PyTorch's fused attention that also returns the log-sum-exp (flash
+    attention on CUDA, its CPU version on the CPU)."""
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    elif q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    else:
+        raise NotImplementedError(f"no fused attention with log-sum-exp on {q.device.type}")
+    return out, lse[..., :q.shape[2]]
+
+
+_FUSED = {}  # (device, dtype, head_dim) -> whether the fused op passed its first-use check
+_FUSED_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def _fused_ok(q):
+    """Whether ``_sdpa_with_lse`` runs here and matches the float32 loop on a
+    small problem (checked once per device, dtype and head_dim)."""
+    key = (str(q.device), q.dtype, q.shape[-1])
+    if key not in _FUSED:
+        ok = False
+        try:
+            gen = torch.Generator().manual_seed(0)
+            a, b, c = (torch.randn(1, 2, n, q.shape[-1], generator=gen).to(q.device, q.dtype) for n in (7, 45, 45))
+            want = _text_partial_loop(a, [b], [c], 0.3)
+            out, lse = _sdpa_with_lse(a, b, c, 0.3)
+            ok = bool(((out.double() - want[0].double()).norm() / want[0].double().norm()).item()
+                      < _FUSED_TOL[q.dtype]
+                      and (lse.double() - want[1].double()).abs().max().item() < 100 * _FUSED_TOL[q.dtype])
+        except Exception:  # noqa: BLE001 - op missing or unsupported here: the loop runs
+            ok = False
+        _FUSED[key] = ok
+    return _FUSED[key]
+
+
+def text_partial(q_text, keys, values, scale, fused=None):
+    """Text queries over some keys: (normalised output, log-sum-exp), float32
+    (float64 for float64 input).
 
     q_text (B, H, T, D); keys, values lists of (B, H, n, D) (concatenated
-    logically). Online softmax over key chunks, one head at a time, so memory
-    stays at T x key_chunk scores."""
+    logically). PyTorch's fused attention per key group where it passed its
+    first-use check (``fused=None``), else a float32 loop."""
+    if fused is None:
+        fused = _fused_ok(q_text)
+    if not fused:
+        return _text_partial_loop(q_text, keys, values, scale)
+    dtype = torch.float64 if q_text.dtype == torch.float64 else torch.float32
+    parts = []
+    try:
+        for k, v in zip(keys, values):
+            out, lse = _sdpa_with_lse(q_text, k, v, scale)
+            parts.append((out.to(dtype), lse.to(dtype)))
+    except RuntimeError:  # e.g. a layout or size the check did not cover: the loop from now on
+        _FUSED[(str(q_text.device), q_text.dtype, q_text.shape[-1])] = False
+        return _text_partial_loop(q_text, keys, values, scale)
+    return merge_partials(parts, with_lse=True) if len(parts) > 1 else parts[0]
+
+
+def _text_partial_loop(q_text, keys, values, scale, key_chunk=8192):
+    """``text_partial`` in plain torch: online softmax over key chunks, one head
+    at a time, so memory stays at T x key_chunk scores."""
     B, H, T, D = q_text.shape
     dtype = torch.float64 if q_text.dtype == torch.float64 else torch.float32
     out = torch.zeros(B, H, T, D, dtype=dtype, device=q_text.device)
@@ -143,14 +199,17 @@ def text_partial(q_text, keys, values, scale, key_chunk=8192):
     return out, lse
 
 
-def merge_partials(parts):
-    """Merge [(out, lse), ...] of disjoint key sets into the attention over their union."""
+def merge_partials(parts, with_lse=False):
+    """Merge [(out, lse), ...] of disjoint key sets into the attention over their
+    union (and its log-sum-exp with ``with_lse``)."""
     lse = torch.stack([p[1] for p in parts])
     top = lse.amax(0)
+    top = torch.where(torch.isfinite(top), top, 0)  # rows no part saw: weights 0, not NaN
     weights = torch.exp(lse - top)  # (P, B, H, T)
     total = weights.sum(0)
     out = sum(w[..., None] * p[0] for w, p in zip(weights, parts))
-    return out / total[..., None]
+    out = out / total[..., None]
+    return (out, top + torch.log(total)) if with_lse else out
 
 
 def clear_attention_band(q, k, v, *, rank, bands, exchange, text_len, grid, window, down_factor=1,

@@ -343,3 +343,23 @@ def test_split_quantized_weights(env, exchanges, weights):
     assert _rel(got, want) < 1e-5 and [e.parts for e in exchanges] == [3]
     full = clear_patch.patch_model(flux_tiny.make_tiny_flux(), "none (training-free)", window_size=3)
     assert _rel(want, flux_tiny.sample_one_step(full, latent, positive)) > 1e-4  # really the quantized weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_text_partial_fused_and_loop_agree(dtype):
+    """The text queries' partial attention: PyTorch's fused op (with its
+    log-sum-exp) and the plain loop both equal softmax over the keys, and the
+    fused op passes its first-use check here."""
+    from comfyui_clear.kernels import band
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 6, 32, generator=gen).to(dtype)
+    groups = [torch.randn(2, 3, n, 32, generator=gen).to(dtype) for n in (5, 40)]
+    values = [torch.randn(2, 3, n, 32, generator=gen).to(dtype) for n in (5, 40)]
+    s = (q.double() @ torch.cat(groups, 2).double().transpose(-1, -2)) * 0.2
+    want = torch.softmax(s, -1) @ torch.cat(values, 2).double()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 2e-2
+    assert band._fused_ok(q)
+    for fused in (True, False):
+        out, lse = band.text_partial(q, groups, values, 0.2, fused=fused)
+        assert ((out.double() - want).norm() / want.norm()).item() < tol
+        assert (lse.double() - torch.logsumexp(s, -1)).abs().max().item() < 100 * tol
