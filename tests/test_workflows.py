@@ -45,7 +45,8 @@ def check_graph(workflow):
 
 def test_workflow_set():
     assert NAMES == ["CLEAR FLUX 1K text to image.json", "CLEAR FLUX 4K hires + ControlNet.json",
-                     "CLEAR FLUX 4K hires + LoRA.json", "CLEAR FLUX 4K hires.json", "CLEAR FLUX 8K hires.json"]
+                     "CLEAR FLUX 4K hires + LoRA.json", "CLEAR FLUX 4K hires.json", "CLEAR FLUX 8K hires + 2 GPUs.json",
+                     "CLEAR FLUX 8K hires.json"]
 
 
 @pytest.mark.parametrize("name", NAMES)
