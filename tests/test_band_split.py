@@ -363,3 +363,22 @@ def test_text_partial_fused_and_loop_agree(dtype):
         out, lse = band.text_partial(q, groups, values, 0.2, fused=fused)
         assert ((out.double() - want).norm() / want.norm()).item() < tol
         assert (lse.double() - torch.logsumexp(s, -1)).abs().max().item() < 100 * tol
+
+
+def test_a_failing_band_stops_all_bands_with_its_error(env, monkeypatch):
+    """One worker fails in an attention layer: the others leave the barrier and
+    the step raises that worker's error (no hang, no ExchangeAborted)."""
+    flux_tiny, clear_patch, band_split = env
+    from comfyui_clear.kernels import band
+
+    real = band.clear_attention_band
+
+    def flaky(*a, rank, exchange, **k):
+        if rank == 2 and exchange.calls[rank] == 2:  # in the second layer
+            raise RuntimeError("out of memory on worker 2")
+        return real(*a, rank=rank, exchange=exchange, **k)
+    monkeypatch.setattr(band, "clear_attention_band", flaky)
+    clear = clear_patch.patch_model(flux_tiny.make_tiny_flux(), "none (training-free)", window_size=2)
+    with pytest.raises(RuntimeError, match="out of memory on worker 2"):
+        flux_tiny.sample_one_step(band_split.split_model(clear, 3), torch.randn(1, 16, 12, 12),
+                                  flux_tiny.conditioning(4, seed=4))
