@@ -268,7 +268,7 @@ def split_model(model, gpus=2):
     flux = model.get_model_object("diffusion_model")
     if not isinstance(flux, comfy.ldm.flux.model.Flux):
         raise BandSplitError(f"CLEAR Multi-GPU Split needs a FLUX model, got {type(flux).__name__}")
-    if gpus > 1:  # core's clone per extra device (none on a CPU-only ComfyUI: the bands then run as threads)
+    if gpus > 1 and has_engine():  # core's clone per extra device (none on a CPU-only ComfyUI: bands run as threads)
         import comfy.multigpu
         model = comfy.multigpu.create_multigpu_deepclones(model, gpus, reuse_loaded=True)
     else:
