@@ -382,3 +382,22 @@ def test_a_failing_band_stops_all_bands_with_its_error(env, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory on worker 2"):
         flux_tiny.sample_one_step(band_split.split_model(clear, 3), torch.randn(1, 16, 12, 12),
                                   flux_tiny.conditioning(4, seed=4))
+
+
+def test_split_with_cfg_and_a_negative_prompt(env, exchanges):
+    """CFG 3 with a different negative: cond and uncond both go through the split."""
+    flux_tiny, clear_patch, band_split = env
+    import comfy.sample
+
+    clear = clear_patch.patch_model(flux_tiny.make_tiny_flux(), "none (training-free)", window_size=3)
+    latent = torch.randn(1, 16, 14, 12, generator=torch.Generator().manual_seed(5))
+    positive, negative = flux_tiny.conditioning(5, seed=6), flux_tiny.conditioning(3, seed=7)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(8))
+
+    def sample(model):
+        return comfy.sample.sample(model, noise, 1, 3.0, "euler", "simple", positive, negative, latent,
+                                   denoise=1.0, disable_pbar=True, seed=0)
+    want = sample(clear)
+    got = sample(band_split.split_model(clear, 2))
+    assert _rel(got, want) < 1e-5
+    assert len(exchanges) == 2  # text lengths differ: cond and uncond are two model calls, each split
