@@ -165,6 +165,7 @@ def _split_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_la
                    transformer_options={}, *, gpus, **kwargs):
     """DIFFUSION_MODEL wrapper: run this forward as ``gpus`` row bands."""
     import comfy.ldm.common_dit
+    import comfy.model_management
     import comfy.patcher_extension
     import torch
     from einops import rearrange
@@ -198,8 +199,9 @@ def _split_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_la
         device, model = workers[rank]
         y0, y1 = bands[rank]
         try:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
-                    (torch.cuda.device(device) if device.type == "cuda" else _nothing()):
+            if device.type != "cpu":  # this thread's current device, as core's multi-GPU workers set it
+                getattr(comfy.model_management, "set_torch_device", lambda d: None)(device)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 _local.band = _band_worker(rank, bands, exchange, T, (h, w))
                 options = {**transformer_options, CHUNKING_MODEL_KEY: model}
                 options.pop(MODELS_KEY, None)
@@ -239,14 +241,6 @@ def _split_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_la
         transformer_options["clear_band_record"].append(exchange)
     out = rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h, w=w, ph=p, pw=p)
     return out[:, :, :h_orig, :w_orig]
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _band_worker(rank, bands, exchange, text_len, grid):
