@@ -346,7 +346,11 @@ def _clear_attention_override(func, *args, previous=None, **kwargs):
     if not kwargs.get("skip_reshape", False):  # (B, L, H*D) -> (B, H, L, D)
         b, _, inner = q.shape
         q, k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
-    if q.shape[2] != text_len + grid[0] * grid[1]:
+    from .band_split import current_band
+    band = current_band()  # a band worker of the CLEAR Multi-GPU Split: this call holds its rows only
+    if band is not None:
+        text_len, grid = band.text_len, band.grid
+    if q.shape[2] != (band.tokens if band is not None else text_len + grid[0] * grid[1]):
         raise CLEARPatchError(_with_known_extensions(
             f"CLEAR expected {text_len} text + {grid[0]}x{grid[1]} image tokens in a FLUX block but got "
             f"{q.shape[2]}: another node adds or splits tokens (e.g. reference images, IP-Adapter-style tokens, "
@@ -355,8 +359,9 @@ def _clear_attention_override(func, *args, previous=None, **kwargs):
             + ". Remove that node or the CLEAR Attention Patch."))
     scale = attention_scale(q.shape[-1], text_len, grid, layer["down_factor"], layer["proportional"])
     window, down, spatial_weight = _fit_to_grid(layer["window"], layer["down_factor"], layer["spatial_weight"], grid)
-    out = clear_attention(q, k, v, text_len=text_len, grid=grid, window=window,
-                          down_factor=down, spatial_weight=spatial_weight, scale=scale)
+    out = (clear_attention if band is None else band.attention)(q, k, v, text_len=text_len, grid=grid, window=window,
+                                                                down_factor=down, spatial_weight=spatial_weight,
+                                                                scale=scale)
     if kwargs.get("skip_output_reshape", False):
         return out
     b, h, length, d = out.shape

@@ -300,6 +300,10 @@ def clear_flux_hires(target, clear_file, lora=False, controlnet=False, after_cle
         extra += """
 **Memory**: *FLUX Token Chunking* runs everything but attention over token chunks (same result), so this pass fits a 24 GB GPU (RTX 3090/4090) with fp8 or GGUF weights: modelled peak 13.8 GB instead of 26.7 GB (fp8 weights streamed; not yet measured on a GPU). chunk_tokens 0 sizes the chunks from free memory.
 """
+    if any(type_ == "CLEARMultiGPUSplit" for type_, _ in after_clear):
+        extra += """
+**Multi-GPU**: *CLEAR Multi-GPU Split* runs each step of this pass across `gpus` GPUs (default 2), each computing a band of image rows: the same image as one GPU. Needs ComfyUI 0.33+, the full model on every GPU (core loaders), identical GPUs. Speed-up not yet measured on GPUs (modelled close to 2x on two GPUs). Set gpus to 1 to run on one GPU.
+"""
     note = g.note(f"""## CLEAR {size}: {target} x {target} from a 1K base
 
 The CLEAR paper's high-resolution recipe:
@@ -337,6 +341,8 @@ SPECS = {
     "CLEAR FLUX 4K hires + ControlNet": dict(target=4096, weights="clear_local_16.safetensors", controlnet=True),
     "CLEAR FLUX 8K hires": dict(target=8192, weights="clear_local_16.safetensors",
                                 after_clear=[("CLEARTokenChunking", [0])]),
+    "CLEAR FLUX 8K hires + 2 GPUs": dict(target=8192, weights="clear_local_16.safetensors",
+                                         after_clear=[("CLEARTokenChunking", [0]), ("CLEARMultiGPUSplit", [2])]),
 }
 
 

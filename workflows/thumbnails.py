@@ -62,6 +62,11 @@ def draw(name, spec, path):
     what = "text to image" if spec["target"] is None else "hires fix"
     what += "".join(f"\n+ {label}" for key, label in (("lora", "LoRA"), ("controlnet", "ControlNet tile"))
                     if spec.get(key))
+    gpus = next((w[0] for t, w in spec.get("after_clear", ()) if t == "CLEARMultiGPUSplit"), 1)
+    if gpus > 1:  # the row bands, one per GPU
+        what += f"\n+ {gpus} GPUs (row bands)"
+        for i in range(1, gpus):
+            ax.plot([x0, x0 + side], [y0 + side * i / gpus] * 2, color=FG, lw=1, ls="--")
     ax.text(lx, 0.665, f"FLUX.1-dev\n{target} x {target}\n{what}", color=DIM, fontsize=7.5, va="top",
             linespacing=1.3)
     ax.text(lx, 0.47, f"{tokens}² tokens", color=FG, fontsize=8.5, weight="bold", va="center")
