@@ -181,6 +181,14 @@ def main(argv=None):
                                                      / ref.norm()).item()
         return result
 
+    def save(rows):
+        import comfy.ldm.modules.attention
+        smoke = args.tiny or not cuda
+        payload = {"environment": environment(), "cpu_smoke_run": smoke, "notes": [SMOKE_NOTE] if smoke else [],
+                   "comfy_attention": comfy.ldm.modules.attention.optimized_attention.__name__,
+                   "args": vars(args), "rows": rows}
+        return payload, write_results("flux_step", payload, args.out)
+
     names = ["dense", "clear"] + (["dense_chunked", "clear_chunked"] if args.chunk_tokens else [])
     rows = []
     for size in args.sizes:
@@ -225,6 +233,7 @@ def main(argv=None):
                     key = f"{name}_chunked_rel_err"
                     row[key] = max(row.get(key, 0.0), part[key])
         rows.append(row)
+        save(rows)  # after every size: a run stopped by a time limit keeps what it measured
         print(f"{size}px ({size // 16}^2 tokens), r={args.window}, d={args.down}: dense {row['dense_ms']:.1f} ms, "
               f"CLEAR {row['clear_ms']:.1f} ms, speed-up {row['speedup']:.2f}x, peak GiB dense "
               f"{fmt_gib(row['dense_peak_gib'])} / CLEAR {fmt_gib(row['clear_peak_gib'])}", flush=True)
@@ -233,12 +242,7 @@ def main(argv=None):
                   f"{row['clear_chunked_ms']:.1f} ms, speed-up {row['speedup_chunked']:.2f}x, peak GiB dense "
                   f"{fmt_gib(row['dense_chunked_peak_gib'])} / CLEAR {fmt_gib(row['clear_chunked_peak_gib'])}",
                   flush=True)
-    import comfy.ldm.modules.attention
-    smoke = args.tiny or not cuda
-    payload = {"environment": environment(), "cpu_smoke_run": smoke, "notes": [SMOKE_NOTE] if smoke else [],
-               "comfy_attention": comfy.ldm.modules.attention.optimized_attention.__name__,
-               "args": vars(args), "rows": rows}
-    path = write_results("flux_step", payload, args.out)
+    payload, path = save(rows)
     print("wrote", os.path.relpath(path))
     return payload
 
