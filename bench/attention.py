@@ -89,14 +89,15 @@ class Peers:
         import natten
         if torch.device(device).type != "cuda":
             raise RuntimeError("NATTEN is timed on CUDA only")
-        return natten.na2d, f"natten {getattr(natten, '__version__', '?')}"
+        na2d = getattr(natten, "na2d", None) or natten.functional.na2d  # [B, X, Y, heads, D]
+        return na2d, f"natten {getattr(natten, '__version__', '?')}"
 
 
 def _standin_sol(q, k, v, **_):
     return dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-def _standin_na2d(q, k, v, kernel_size):
+def _standin_na2d(q, k, v, kernel_size):  # noqa: ARG001 (a dense stand-in ignores the window)
     shape = q.shape
     flat = [t.flatten(1, 2).transpose(1, 2) for t in (q, k, v)]  # (B, H, X*Y, D)
     return dense(*flat).transpose(1, 2).reshape(shape)
@@ -127,7 +128,7 @@ def natten_run(fn, q, k, v, text_len, grid, kernel):
     kernel x kernel neighbourhood: no text or pooled keys, no text rows."""
     B, H, _, D = q.shape
     qs, ks, vs = (t[:, :, text_len:].transpose(1, 2).reshape(B, grid, grid, H, D).contiguous() for t in (q, k, v))
-    return lambda: fn(qs, ks, vs, kernel_size=kernel)
+    return lambda: fn(qs, ks, vs, kernel_size=(kernel, kernel))
 
 
 def format_row(row):
