@@ -112,7 +112,9 @@ def test_gpu_check_dry_run(comfyui, tmp_path):
     assert corr["failures"] == [] and corr["skipped"] == []
     assert {r["dtype"] for r in corr["triton_vs_torch"]} == {"bfloat16", "float16"}
     assert all(r["ok"] and r["rel_err"] < 2e-2 for r in corr["triton_vs_torch"])
-    assert corr["self_check"] and all(v["triton"] == "pass" for v in corr["self_check"].values())
+    assert corr["self_check"] and all(v["triton"] == v["flex"] == v["torch"] == "pass"
+                                      for v in corr["self_check"].values())
+    assert all("torch" in v["auto_ran"] for v in corr["self_check"].values())  # "auto" off CUDA: the torch path
     assert corr["compile"] and all(r["ok"] for r in corr["compile"])
     assert len(corr["flex_sizes"]) > corr["recompile_limit"] and all(r["ok"] for r in corr["flex_sizes"])
 
