@@ -38,8 +38,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 REQUIREMENTS = os.path.join(HERE, "requirements-gpu.txt")
 
-# Seconds per part on an H100/H200 (470 s in all, under the 8-minute goal with
-# start-up). Attention stops starting new grids at 80% of its budget;
+# Seconds per part on an H100/H200 (470 s, the whole run capped at 450 s by
+# --total-s: under the 8-minute goal with start-up). Attention stops starting new grids at 80% of its budget;
 # correctness gives each section a share (SECTION_ENDS) and rolls unused time on.
 BUDGETS = {"install": 30, "correctness": 170, "attention": 170, "step": 100}
 DRY_BUDGETS = {"install": 20, "correctness": 240, "attention": 240, "step": 240}  # caps on a loaded CPU
@@ -421,7 +421,7 @@ def summary(report):
     if report["dry"]:
         lines.append("*** DRY RUN (CPU, tiny shapes): checks the script, measures nothing ***")
     for name, part in report["parts"].items():
-        lines.append(f"  {name:12s} {part['status']:34s} {part.get('elapsed_s', 0):6.1f} s of {part['budget_s']} s")
+        lines.append(f"  {name:12s} {part['status']:34s} {part.get('elapsed_s', 0):6.1f} s of {part['budget_s']:.0f} s")
     corr = report.get("correctness") or {}
     if corr:
         rows = corr.get("triton_vs_torch", [])
@@ -472,6 +472,8 @@ def main(argv=None):
     p.add_argument("--step-blocks", choices=["one", "full"], default="one",
                    help="full: the whole 57-block model (~2 min per dense 8K forward: exceeds the budget)")
     p.add_argument("--scale-budget", type=float, default=1.0, help="multiply every part's budget")
+    p.add_argument("--total-s", type=float, help="cap on the whole run (default 450 s; dry runs: none); a part "
+                   "gets at most what is left of it, minus 15 s for the plots and summary")
     p.add_argument("--part", choices=["correctness"], help=argparse.SUPPRESS)  # internal: one part's process
     p.add_argument("--json", help=argparse.SUPPRESS)
     p.add_argument("--budget-s", type=float, help=argparse.SUPPRESS)
@@ -494,6 +496,12 @@ def main(argv=None):
         print("No CUDA GPU here: running the dry mode instead (tiny shapes; measures nothing).", flush=True)
         dry = True
     budgets = {k: v * args.scale_budget for k, v in (DRY_BUDGETS if dry else BUDGETS).items()}
+    total = args.total_s if args.total_s is not None else (None if dry else 450.0 * args.scale_budget)
+
+    def budget_of(name):  # the part's own budget, within what is left of the total
+        if total is None:
+            return budgets[name]
+        return min(budgets[name], total - (time.perf_counter() - t_all) - 15)
     env = dict(os.environ)
     if dry:
         env["TRITON_INTERPRET"] = "1"  # the Triton kernel on the CPU (interpreter)
@@ -507,7 +515,13 @@ def main(argv=None):
             json.dump(report, f, indent=2, default=str)
 
     def part(name, cmd):
-        budget = budgets[name]
+        budget = budget_of(name)
+        if budget < 10:
+            report["parts"][name] = {"status": "SKIPPED: total time spent", "elapsed_s": 0, "budget_s": budget}
+            print(f"\n[{name}] skipped: the total time budget is spent", flush=True)
+            return
+        if "--budget-s" in cmd:  # the part's own clock, for what it stops starting
+            cmd[cmd.index("--budget-s") + 1] = str(float(cmd[cmd.index("--budget-s") + 1]) * budget / budgets[name])
         print(f"\n[{name}] budget {budget:.0f} s", flush=True)
         rc, elapsed, cpu_s = _run(cmd, os.path.join(out, f"{name}.log"), budget, env)
         status = "ok" if rc == 0 else ("TIMED OUT (partial results kept)" if rc is None else f"FAILED (exit {rc})")
@@ -521,11 +535,12 @@ def main(argv=None):
         save()
 
     if "install" in args.parts:
-        print(f"\n[install] budget {budgets['install']:.0f} s", flush=True)
+        budget = budget_of("install")
+        print(f"\n[install] budget {budget:.0f} s", flush=True)
         t0 = time.perf_counter()
-        report["install"] = install_peers(out, budgets["install"], dry)
+        report["install"] = install_peers(out, budget, dry)
         report["parts"]["install"] = {"status": "ok", "elapsed_s": round(time.perf_counter() - t0, 1),
-                                      "budget_s": budgets["install"]}
+                                      "budget_s": budget}
         print(f"[install] done in {time.perf_counter() - t0:.1f} s", flush=True)
 
     corr_json = os.path.join(out, "correctness.json")
