@@ -600,7 +600,10 @@ def main(argv=None):
     report["plots"] = [os.path.relpath(p, out) for p in report["plots"]]
     report["notes"] += plot_notes
     save()
-    print(summary(report), flush=True)
+    text = summary(report)
+    with open(os.path.join(out, "summary.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text, flush=True)
     print(f"total {time.perf_counter() - t_all:.1f} s", flush=True)
     return 1 if report["failures"] else 0
 

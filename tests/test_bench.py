@@ -100,6 +100,7 @@ def test_gpu_check_dry_run(comfyui, tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
     assert "DRY RUN" in res.stdout and "goals (H100/H200 bf16)" in res.stdout
+    assert "goals (H100/H200 bf16)" in (out / "summary.txt").read_text()
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["dry"] is True and report["failures"] == []
     assert {"device", "torch", "triton", "commit", "date", "command"} <= set(report["environment"])
