@@ -1,15 +1,19 @@
 """Benchmark: CLEAR attention (ours) vs dense flash attention vs FlexAttention
 with the CLEAR block mask (how the reference implementation runs CLEAR), on
-FLUX shapes, side by side in one run.
+FLUX shapes, side by side in one run; optionally beside comfy-kitchen's
+``sol_attn`` and NATTEN's ``na2d`` (``--peers``: other computations, timed
+for speed only).
 
     python bench/attention.py                    # GPU: grids 64..512, r 8/16/32, d 1/4
     python bench/attention.py --grids 512 --radii 16 --down 1
+    python bench/attention.py --peers sol natten --budget-s 180
     python bench/attention.py --quick            # CPU smoke run (not a benchmark)
 
 Prints a table and writes JSON to bench/results/. See bench/README.md.
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -21,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (SMOKE_NOTE, clear_flops, dense_flops, environment, flex_mask_bytes, time_ms,  # noqa: E402
                     write_results)
 
-from comfyui_clear.kernels import clear_attention, pool_image_tokens  # noqa: E402
+from comfyui_clear.kernels import clear_attention, pool_image_tokens, tiling  # noqa: E402
 from comfyui_clear.kernels.flex import clear_mask_mod  # noqa: E402
 
 
@@ -49,6 +53,84 @@ def flex_clear(q, k, v, text_len, grid, window, down_factor, flex, make_block_ma
     return (lambda: flex(q, k, v, block_mask=block_mask)), info
 
 
+class Peers:
+    """The other attention libraries timed beside ours, each optional: its
+    status says what ran ("comfy-kitchen 0.2.40", "not installed: ...", or, in
+    dry runs, a dense SDPA stand-in that exercises the same layout and
+    bookkeeping without importing the package)."""
+
+    def __init__(self, names, device, standin=False):
+        self.status, self.fns = {}, {}
+        for name in names:
+            loader = {"sol": self._load_sol, "natten": self._load_natten}.get(name)
+            if loader is None:
+                raise SystemExit(f"unknown peer {name!r}: choose from sol, natten")
+            if standin:
+                self.fns[name] = {"sol": _standin_sol, "natten": _standin_na2d}[name]
+                self.status[name] = "dry stand-in (dense SDPA, same layout)"
+                continue
+            try:
+                self.fns[name], self.status[name] = loader(device)
+            except Exception as exc:  # ImportError, a build without kernels for this GPU, ...
+                self.status[name] = f"not installed: {type(exc).__name__}: {str(exc).strip()[:200]}"
+            print(f"peer {name}: {self.status[name]}", flush=True)
+
+    @staticmethod
+    def _load_sol(device):
+        import importlib.metadata
+
+        import comfy_kitchen
+        if not comfy_kitchen.sol_attn_is_available(torch.device(device)):
+            raise RuntimeError(f"comfy_kitchen.sol_attn has no kernel for {device} in this build")
+        return comfy_kitchen.sol_attn, f"comfy-kitchen {importlib.metadata.version('comfy-kitchen')}"
+
+    @staticmethod
+    def _load_natten(device):
+        import natten
+        if torch.device(device).type != "cuda":
+            raise RuntimeError("NATTEN is timed on CUDA only")
+        na2d = getattr(natten, "na2d", None) or natten.functional.na2d  # [B, X, Y, heads, D]
+        return na2d, f"natten {getattr(natten, '__version__', '?')}"
+
+
+def _standin_sol(q, k, v, **_):
+    return dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _standin_na2d(q, k, v, kernel_size):  # noqa: ARG001 (a dense stand-in ignores the window)
+    shape = q.shape
+    flat = [t.flatten(1, 2).transpose(1, 2) for t in (q, k, v)]  # (B, H, X*Y, D)
+    return dense(*flat).transpose(1, 2).reshape(shape)
+
+
+def sol_run(fn, q, k, v, text_len):
+    """Sol-Attn (comfy-kitchen) on the whole [text | image] sequence as
+    ComfyUI's sparse attention runs FLUX: (B, L, H, 128) layout, text key
+    blocks exact for every query (sink_blocks), text query blocks exact over
+    all keys (sink_q); tau 1.0. It routes key blocks by score, so it is a
+    different (approximate) computation: its speed is shown, not compared."""
+    qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    text_blocks = -(-text_len // 64)
+    return lambda: fn(qs, ks, vs, tau=1.0, sink_blocks=[0, text_blocks], sink_q=[0, text_blocks])
+
+
+def natten_kernel(window, grid):
+    """The odd square window with about as many keys as CLEAR's disc
+    (pi r^2), capped at the grid: the same local work per query."""
+    side = max(3, round(math.sqrt(math.pi) * window))
+    side = side if side % 2 else side + 1
+    cap = grid if grid % 2 else grid - 1
+    return min(side, cap)
+
+
+def natten_run(fn, q, k, v, text_len, grid, kernel):
+    """NATTEN na2d over the image tokens only, (B, X, Y, H, D) layout, a
+    kernel x kernel neighbourhood: no text or pooled keys, no text rows."""
+    B, H, _, D = q.shape
+    qs, ks, vs = (t[:, :, text_len:].transpose(1, 2).reshape(B, grid, grid, H, D).contiguous() for t in (q, k, v))
+    return lambda: fn(qs, ks, vs, kernel_size=(kernel, kernel))
+
+
 def format_row(row):
     def cell(key, fmt, width):
         value = row.get(key)
@@ -56,7 +138,8 @@ def format_row(row):
     return (f"{row['grid']:5d} {row['window']:3d} {row['down_factor']:2d} | {cell('dense_ms', '.3f', 9)} "
             f"{cell('flex_ms', '.3f', 9)} {cell('ours_ms', '.3f', 9)} | {cell('ours_tflops', '.1f', 9)} "
             f"{cell('speedup_vs_dense', '.2f', 8)} {cell('speedup_vs_flex', '.2f', 7)} {cell('flop_ratio', '.1f', 8)} "
-            f"{cell('percent_of_ideal', '.1f', 7)} | {cell('rel_err_vs_torch_path', '.1e', 8)} "
+            f"{cell('percent_of_ideal', '.1f', 7)} {cell('percent_of_ceiling', '.1f', 6)} | "
+            f"{cell('sol_ms', '.3f', 8)} {cell('natten_ms', '.3f', 9)} | {cell('rel_err_vs_torch_path', '.1e', 8)} "
             f"{cell('flex_vs_ours_rel_err', '.1e', 8)}")
 
 
@@ -85,6 +168,14 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--flex-max-grid", type=int, default=512, help="largest grid to run FlexAttention at")
+    p.add_argument("--flex-radii", type=int, nargs="+", help="radii to run FlexAttention at (default: all)")
+    p.add_argument("--flex-down", type=int, nargs="+", help="down factors to run FlexAttention at (default: all)")
+    p.add_argument("--peers", nargs="*", default=[], choices=["sol", "natten"],
+                   help="also time comfy-kitchen sol_attn / NATTEN na2d (skipped, with the reason, if not installed)")
+    p.add_argument("--standin-peers", action="store_true",
+                   help="dry runs: each peer is replaced by a dense SDPA stand-in (labelled) so its code runs")
+    p.add_argument("--budget-s", type=float, help="start no new grid after this many seconds (the first always "
+                   "runs; the rest are listed under 'skipped'); the JSON is rewritten after every row")
     p.add_argument("--check-max-grid", type=int, default=128, help="largest grid to check correctness at")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes")
     p.add_argument("--out", help="JSON path (default bench/results/attention-<device>-<date>.json)")
@@ -123,25 +214,60 @@ def main(argv=None):
             sys.exit(1)
 
     env = environment()
-    rows = []
+    peers = Peers(args.peers, device, standin=args.standin_peers)
+    arch = torch.cuda.get_device_capability()[0] * 10 + torch.cuda.get_device_capability()[1] if cuda else None
+    rows, skipped = [], []
+    t_start = time.perf_counter()
+
+    def save():
+        payload = {"environment": env, "cpu_smoke_run": smoke, "notes": notes, "args": vars(args),
+                   "peers": peers.status, "rows": rows, "skipped": skipped}
+        return payload, write_results("attention", payload, args.out)
+
     print(f"{'grid':>5} {'r':>3} {'d':>2} | {'dense ms':>9} {'flex ms':>9} {'ours ms':>9} | {'ours TF/s':>9} "
-          f"{'x dense':>8} {'x flex':>7} {'ideal x':>8} {'% ideal':>7} | {'err':>8} {'flex err':>8}")
-    for g in args.grids:
+          f"{'x dense':>8} {'x flex':>7} {'ideal x':>8} {'% ideal':>7} {'% ceil':>6} | {'sol ms':>8} "
+          f"{'natten ms':>9} | {'err':>8} {'flex err':>8}")
+    for g in args.grids:  # the budget is checked per grid (the first always runs): its configs share q, k, v
+        if rows and args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+            skipped += [{"grid": g, "window": r, "down_factor": d} for d in args.down for r in args.radii]
+            continue
         T, B, H, D = args.text, 1, args.heads, args.head_dim
         L = T + g * g
         gen = torch.Generator(device=device).manual_seed(g)
         q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
         dense_ms = time_ms(lambda: dense(q, k, v), args.repeats)
+        peer_ms = {}  # sol per grid, natten per (grid, kernel)
+
+        def peer_time(key, make):
+            if key not in peer_ms:
+                try:
+                    peer_ms[key] = (time_ms(make(), args.repeats), None)
+                except Exception as exc:  # a shape the peer refuses, out of memory: record it, go on
+                    peer_ms[key] = (None, f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+                    print(f"NOTE: {key[0]} failed at grid {g}: {peer_ms[key][1]}", flush=True)
+            return peer_ms[key]
+
         for d in args.down:
             for r in args.radii:
+                cfg = tiling.kernel_config(D, r, d, arch)
+                ratio = tiling.work_ratio(T, (g, g), r, d, cfg)
                 row = {"grid": g, "image_px": 16 * g, "window": r, "down_factor": d, "heads": H, "head_dim": D,
                        "text_len": T, "dtype": args.dtype, "ours_backend": ours_backend, "dense_ms": dense_ms,
-                       "dense_flops": dense_flops(B, H, D, T, g, g), "clear_flops": clear_flops(B, H, D, T, g, g, r, d)}
+                       "dense_flops": dense_flops(B, H, D, T, g, g), "clear_flops": clear_flops(B, H, D, T, g, g, r, d),
+                       "kernel_config": cfg, "issued_over_useful": ratio, "work_model_ceiling_pct": 100 / ratio}
+                if "sol" in peers.fns:
+                    row["sol_ms"], row["sol_error"] = peer_time(("sol",), lambda: sol_run(peers.fns["sol"], q, k, v, T))
+                if "natten" in peers.fns:
+                    kern = natten_kernel(r, g)
+                    row["natten_kernel"] = kern
+                    row["natten_ms"], row["natten_error"] = peer_time(
+                        ("natten", kern), lambda: natten_run(peers.fns["natten"], q, k, v, T, g, kern))
                 ours = lambda: clear_attention(q, k, v, text_len=T, grid=(g, g), window=r, down_factor=d,  # noqa: E731
                                                backend=ours_backend)
                 row["ours_ms"] = time_ms(ours, args.repeats)
                 row["flex_ms"] = None
-                if flex is not None and g <= args.flex_max_grid:
+                if (flex is not None and g <= args.flex_max_grid and (not args.flex_radii or r in args.flex_radii)
+                        and (not args.flex_down or d in args.flex_down)):
                     row["flex_mode"] = "compiled" if cuda else "eager (cpu smoke)"
                     try:
                         run_flex, info = flex_clear(q, k, v, T, (g, g), r, d, flex, make_block_mask)
@@ -165,16 +291,27 @@ def main(argv=None):
                 row["flop_ratio"] = row["dense_flops"] / row["clear_flops"]
                 row["percent_of_ideal"] = 100 * row["speedup_vs_dense"] / row["flop_ratio"]
                 row["speedup_vs_flex"] = row["flex_ms"] / row["ours_ms"] if row["flex_ms"] else None
+                row["percent_of_ceiling"] = 100 * row["percent_of_ideal"] / row["work_model_ceiling_pct"]
+                for peer in ("sol", "natten"):
+                    if row.get(f"{peer}_ms"):
+                        row[f"speedup_vs_{peer}"] = row[f"{peer}_ms"] / row["ours_ms"]
                 rows.append(row)
                 print(format_row(row), flush=True)
+                save()
         q = k = v = None  # free this grid's inputs before the next one's
         if cuda:
             torch.cuda.empty_cache()
     if flex is not None:
         notes.append(f"FlexAttention {'compiled' if cuda else 'eager'}; block mask built once per config, not timed "
                      "(flex_mask_build_s, flex_mask_build_peak_mib, flex_mask_est_mib in each row)")
-    payload = {"environment": env, "cpu_smoke_run": smoke, "notes": notes, "args": vars(args), "rows": rows}
-    path = write_results("attention", payload, args.out)
+    if peers.status:
+        notes.append("sol_attn (comfy-kitchen) routes key blocks by score: approximate, a different computation, "
+                     "timed for speed only; NATTEN na2d: image tokens only, an odd square window with about "
+                     "pi r^2 keys (natten_kernel), no text or pooled keys")
+    if skipped:
+        notes.append(f"time budget of {args.budget_s} s reached: {len(skipped)} configurations skipped")
+        print("NOTE:", notes[-1], flush=True)
+    payload, path = save()
     print("wrote", os.path.relpath(path))
     return payload
 

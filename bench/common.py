@@ -81,8 +81,8 @@ def environment():
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git: the caller may say
+        commit = os.environ.get("CLEAR_GIT_COMMIT", "unknown")
     try:
         import triton
         triton_version = triton.__version__

@@ -4,6 +4,7 @@ Patch node, at 4K and 8K.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/flux_step.py                 # full model, 4K and 8K
     COMFYUI_PATH=/path/to/ComfyUI python bench/flux_step.py --blocks one    # one double + one single block, composed
+    COMFYUI_PATH=/path/to/ComfyUI python bench/flux_step.py --chunk-tokens 8192   # + FLUX Token Chunking
     COMFYUI_PATH=/path/to/ComfyUI python bench/flux_step.py --tiny          # CPU smoke run (not a benchmark)
 
 Weights are random (timing only), bf16; CLEAR runs training-free with
@@ -12,7 +13,8 @@ times the rest (embedders, final layer), one double and one single block at
 the real shapes, each on its own model, and composes rest + 19 x double +
 38 x single, for devices whose command time limit a full 8K step exceeds.
 The patched model is checked to run CLEAR in every block and to differ from
-the dense one.
+the dense one. ``--chunk-tokens N`` also times both models behind the FLUX
+Token Chunking node (chunks of N tokens; CLEAR first, then chunking).
 """
 
 import argparse
@@ -110,17 +112,20 @@ def fmt_gib(value):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
-    p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192], help="image sides in px")
+    p.add_argument("--sizes", type=int, nargs="+", help="image sides in px (default 4096 8192; --tiny: 128 192)")
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--down", type=int, default=1)
     p.add_argument("--text", type=int, default=512)
     p.add_argument("--blocks", choices=["full", "one"], default="full")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunk-tokens", type=int, help="also time dense and CLEAR with FLUX Token Chunking, "
+                   "chunks of this many tokens")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model and image")
     p.add_argument("--out")
     args = p.parse_args(argv)
     comfy_import(args.comfyui)
     from comfyui_clear.nodes.clear_patch import CLEARAttentionPatch
+    from comfyui_clear.nodes.token_chunking import patch_model as chunked
     from comfyui_clear.nodes.weights import TRAINING_FREE
 
     cuda = torch.cuda.is_available()
@@ -128,9 +133,11 @@ def main(argv=None):
     dtype = torch.bfloat16 if cuda else torch.float32
     dims = FULL
     if args.tiny or not cuda:
-        dims, args.sizes, args.text, args.window = TINY, [128, 192], 8, 4
+        dims, args.text, args.window = TINY, 8, 4
+        args.sizes = [s for s in args.sizes or [] if s <= 256] or [128, 192]
         print(f"*** {SMOKE_NOTE.upper()} ***\nCPU smoke run: tiny FLUX and images; times nothing meaningful",
               flush=True)
+    args.sizes = args.sizes or [4096, 8192]
     calls = count_clear_calls()
     node = CLEARAttentionPatch()
 
@@ -143,7 +150,11 @@ def main(argv=None):
                                                   rope_ntk_factor=1.0)
         dm = model.model.diffusion_model
         result, outputs = {}, {}
-        for name, patcher in (("dense", model), ("clear", patched)):
+        variants = [("dense", model), ("clear", patched)]
+        if args.chunk_tokens:
+            variants += [("dense_chunked", chunked(model, args.chunk_tokens)),
+                         ("clear_chunked", chunked(patched, args.chunk_tokens))]
+        for name, patcher in variants:
             options = options_of(patcher)
             run = lambda: dm(x, t, context, y, guidance, transformer_options=options)  # noqa: E731
             with torch.no_grad():
@@ -153,9 +164,9 @@ def main(argv=None):
                 before = calls[0]
                 outputs[name] = run()  # warm-up (Triton autotuning, cuBLAS heuristics), not timed
                 ran_clear = calls[0] - before
-                if ran_clear != (model_dims["depth"] + model_dims["depth_single"] if name == "clear" else 0):
-                    sys.exit(f"{name}: CLEAR attention ran in {ran_clear} blocks, expected "
-                             f"{model_dims['depth'] + model_dims['depth_single'] if name == 'clear' else 0}: "
+                expected = model_dims["depth"] + model_dims["depth_single"] if name.startswith("clear") else 0
+                if ran_clear != expected:
+                    sys.exit(f"{name}: CLEAR attention ran in {ran_clear} blocks, expected {expected}: "
                              "the patch's wrappers/override are not (only) active where they should be")
                 result[name] = time_long_ms(run, args.repeats)
                 result[name + "_peak"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -163,8 +174,22 @@ def main(argv=None):
             sys.exit("the CLEAR-patched model gave the dense model's output: CLEAR did not change attention")
         result["weights_gib"] = sum(p.numel() * p.element_size() for p in dm.parameters()) / 2**30
         result["finite"] = all(bool(torch.isfinite(o).all()) for o in outputs.values())
+        if args.chunk_tokens:  # chunking changes no value beyond rounding
+            for name in ("dense", "clear"):
+                ref = outputs[name].double()
+                result[f"{name}_chunked_rel_err"] = ((outputs[f"{name}_chunked"].double() - ref).norm()
+                                                     / ref.norm()).item()
         return result
 
+    def save(rows):
+        import comfy.ldm.modules.attention
+        smoke = args.tiny or not cuda
+        payload = {"environment": environment(), "cpu_smoke_run": smoke, "notes": [SMOKE_NOTE] if smoke else [],
+                   "comfy_attention": comfy.ldm.modules.attention.optimized_attention.__name__,
+                   "args": vars(args), "rows": rows}
+        return payload, write_results("flux_step", payload, args.out)
+
+    names = ["dense", "clear"] + (["dense_chunked", "clear_chunked"] if args.chunk_tokens else [])
     rows = []
     for size in args.sizes:
         inputs = step_inputs(size, args.text, device, dtype)
@@ -179,7 +204,7 @@ def main(argv=None):
             r = {"finite": rest["finite"] and double["finite"] and single["finite"]}
             weights = rest["weights_gib"] + dims["depth"] * (double["weights_gib"] - rest["weights_gib"]) \
                 + dims["depth_single"] * (single["weights_gib"] - rest["weights_gib"])
-            for name in ("dense", "clear"):
+            for name in names:
                 row[f"{name}_rest_ms"] = rest[name]
                 row[f"{name}_double_block_ms"] = double[name] - rest[name]
                 row[f"{name}_single_block_ms"] = single[name] - rest[name]
@@ -194,21 +219,30 @@ def main(argv=None):
                            "each timed on its own model; peak memory estimated as the full model's weights "
                            "+ the larger one-block activation peak")
             print("NOTE:", row["note"], flush=True)
-        for name in ("dense", "clear"):
+        for name in names:
             row[f"{name}_ms"], row[f"{name}_peak_gib"] = r[name], r[name + "_peak"]
         if not r["finite"]:  # random weights: timing is unaffected, but say so
             row["warning"] = "non-finite values in the output (random weights)"
         row["speedup"] = row["dense_ms"] / row["clear_ms"]
+        if args.chunk_tokens:
+            row["chunk_tokens"] = args.chunk_tokens
+            row["speedup_chunked"] = row["dense_chunked_ms"] / row["clear_chunked_ms"]  # both chunked
+            row["speedup_chunked_vs_dense"] = row["dense_ms"] / row["clear_chunked_ms"]
+            for name in ("dense", "clear"):
+                for part in ((rest, double, single) if args.blocks == "one" else (r,)):
+                    key = f"{name}_chunked_rel_err"
+                    row[key] = max(row.get(key, 0.0), part[key])
         rows.append(row)
+        save(rows)  # after every size: a run stopped by a time limit keeps what it measured
         print(f"{size}px ({size // 16}^2 tokens), r={args.window}, d={args.down}: dense {row['dense_ms']:.1f} ms, "
               f"CLEAR {row['clear_ms']:.1f} ms, speed-up {row['speedup']:.2f}x, peak GiB dense "
               f"{fmt_gib(row['dense_peak_gib'])} / CLEAR {fmt_gib(row['clear_peak_gib'])}", flush=True)
-    import comfy.ldm.modules.attention
-    smoke = args.tiny or not cuda
-    payload = {"environment": environment(), "cpu_smoke_run": smoke, "notes": [SMOKE_NOTE] if smoke else [],
-               "comfy_attention": comfy.ldm.modules.attention.optimized_attention.__name__,
-               "args": vars(args), "rows": rows}
-    path = write_results("flux_step", payload, args.out)
+        if args.chunk_tokens:
+            print(f"  chunked ({args.chunk_tokens} tokens): dense {row['dense_chunked_ms']:.1f} ms, CLEAR "
+                  f"{row['clear_chunked_ms']:.1f} ms, speed-up {row['speedup_chunked']:.2f}x, peak GiB dense "
+                  f"{fmt_gib(row['dense_chunked_peak_gib'])} / CLEAR {fmt_gib(row['clear_chunked_peak_gib'])}",
+                  flush=True)
+    payload, path = save(rows)
     print("wrote", os.path.relpath(path))
     return payload
 

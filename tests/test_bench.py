@@ -83,3 +83,86 @@ def test_flux_step_bench_cpu_smoke(comfyui, tmp_path):
                 for name in ("dense", "clear"):
                     assert r[f"{name}_ms"] == pytest.approx(r[f"{name}_rest_ms"] + 2 * r[f"{name}_double_block_ms"]
                                                             + 2 * r[f"{name}_single_block_ms"])
+
+
+# --- bench/gpu_check.sh: the one GPU run, kept working by its dry mode ---------
+
+import gpu_check  # noqa: E402  (bench/ is on sys.path above)
+
+
+def test_gpu_check_dry_run(comfyui, tmp_path):
+    """`bench/gpu_check.sh --dry`: every part on the CPU (tiny shapes, Triton's
+    interpreter, peers as labelled stand-ins), one folder with the JSON and
+    the plots, a summary, exit 0."""
+    out = tmp_path / "gpu"
+    env = {**os.environ, "COMFYUI_PATH": comfyui, "PYTHON": sys.executable}
+    res = subprocess.run(["bash", "bench/gpu_check.sh", "--dry", "--out", str(out)], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
+    assert "DRY RUN" in res.stdout and "goals (H100/H200 bf16)" in res.stdout
+    assert "goals (H100/H200 bf16)" in (out / "summary.txt").read_text()
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["dry"] is True and report["failures"] == []
+    assert {"device", "torch", "triton", "commit", "date", "command"} <= set(report["environment"])
+    assert {name: part["status"] for name, part in report["parts"].items()} == {
+        "install": "ok", "correctness": "ok", "attention": "ok", "step": "ok"}
+    assert all(part["elapsed_s"] >= 0 for part in report["parts"].values())
+    assert set(json.loads((out / "install.json").read_text())) == {"comfy-kitchen>=0.2.40", "natten>=0.17"}
+
+    corr = report["correctness"]
+    assert corr["failures"] == [] and corr["skipped"] == []
+    assert {r["dtype"] for r in corr["triton_vs_torch"]} == {"bfloat16", "float16"}
+    assert all(r["ok"] and r["rel_err"] < 2e-2 for r in corr["triton_vs_torch"])
+    assert corr["self_check"] and all(v["triton"] == v["flex"] == v["torch"] == "pass"
+                                      for v in corr["self_check"].values())
+    assert all("torch" in v["auto_ran"] for v in corr["self_check"].values())  # "auto" off CUDA: the torch path
+    assert corr["compile"] and all(r["ok"] for r in corr["compile"])
+    assert len(corr["flex_sizes"]) > corr["recompile_limit"] and all(r["ok"] for r in corr["flex_sizes"])
+
+    att = report["attention"]
+    assert set(att["peers"]) == {"sol", "natten"} and all("stand-in" in s for s in att["peers"].values())
+    assert [(r["grid"], r["down_factor"]) for r in att["rows"]] == [(12, 1), (12, 2)]
+    assert {s["grid"] for s in att["skipped"]} == {16}  # the budget path
+    for r in att["rows"]:
+        assert r["sol_ms"] > 0 and r["natten_ms"] > 0 and r["natten_kernel"] % 2 == 1
+        assert r["percent_of_ceiling"] == pytest.approx(r["percent_of_ideal"] * r["issued_over_useful"])
+
+    (row,) = report["step"]["rows"]
+    assert row["chunk_tokens"] == 32 and row["clear_chunked_ms"] and row["dense_chunked_ms"]
+    assert row["clear_chunked_rel_err"] < 1e-4 and row["dense_chunked_rel_err"] < 1e-4
+    assert [g["goal"] for g in report["goals"]] == [g[0] for g in gpu_check.GOALS]
+    assert all(g["met"] is None for g in report["goals"])  # no 8K/4K rows in a dry run
+    if report["plots"]:  # matplotlib present
+        assert sorted(report["plots"]) == ["attention.png", "flux_step.png"]
+        assert all((out / p).stat().st_size > 10_000 for p in report["plots"])
+
+
+def test_gpu_check_fails_on_a_mismatch(tmp_path, monkeypatch):
+    """A Triton result 5% off the torch path is a failure (exit status 1)."""
+    from comfyui_clear import kernels
+
+    exact = kernels.clear_attention
+
+    def off_by_five_percent(q, k, v, **kwargs):
+        if kwargs.get("backend") == "triton":
+            return exact(q, k, v, **{**kwargs, "backend": "torch"}) * 1.05
+        return exact(q, k, v, **kwargs)
+
+    monkeypatch.setattr(kernels, "clear_attention", off_by_five_percent)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert gpu_check.correctness(str(tmp_path / "c.json"), 60, True, sections=("triton",)) == 1
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["failures"] and all("Triton vs torch path" in f for f in data["failures"])
+
+
+def test_gpu_check_goals_and_part_timeout(tmp_path):
+    att = {"rows": [{"grid": 512, "window": 16, "down_factor": 1, "percent_of_ideal": 61.0,
+                     "percent_of_ceiling": 80.0, "speedup_vs_flex": 3.2}]}
+    step = {"rows": [{"image_px": 8192, "speedup": 9.0, "clear_peak_gib": 30.0, "dense_peak_gib": 28.0}]}
+    got = {g["goal"]: (g["measured"], g["met"]) for g in gpu_check.goals(att, step)}
+    assert got == {"kernel_ideal": (61.0, True), "kernel_ceiling": (80.0, False), "vs_flex": (3.2, True),
+                   "step_8k": (9.0, True), "step_4k": (None, None), "peak_8k": (30.0 / 28.0, False)}
+    # a part past its budget is stopped and reported (None), not waited for
+    rc, elapsed, _ = gpu_check._run([sys.executable, "-c", "import time; print('started', flush=True); "
+                                     "time.sleep(60)"], str(tmp_path / "log"), 2)
+    assert rc is None and elapsed < 30 and "started" in (tmp_path / "log").read_text()
