@@ -55,3 +55,17 @@ def comfyui():
     # nodes.py puts on sys.path (main.py imports it first for the same reason).
     import utils.install_util  # noqa: F401
     return path
+
+
+@pytest.fixture
+def clear_folders(comfyui, tmp_path, monkeypatch):
+    """ComfyUI's folder_paths with an empty models/ under tmp_path and no
+    models/clear registered yet (tests/test_weights.py, tests/test_hub.py)."""
+    import folder_paths
+
+    from comfyui_clear.nodes import weights
+
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    monkeypatch.delitem(folder_paths.folder_names_and_paths, weights.FOLDER, raising=False)
+    return folder_paths

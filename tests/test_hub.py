@@ -199,14 +199,8 @@ def test_progress_reaches_comfyui_progress_bar_and_cancel_propagates(comfyui, fa
 # models/clear exists from ComfyUI's start (the README sends offline users there)
 
 @pytest.fixture
-def folder_paths(comfyui, tmp_path, monkeypatch):
-    import folder_paths
-    from comfyui_clear.nodes import weights
-
-    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    monkeypatch.delitem(folder_paths.folder_names_and_paths, weights.FOLDER, raising=False)
-    return folder_paths
+def folder_paths(clear_folders):
+    return clear_folders
 
 
 def test_registering_the_folder_creates_it(folder_paths, tmp_path):

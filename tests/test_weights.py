@@ -443,15 +443,6 @@ def test_bigger_flux_is_rejected_with_hidden_size(W, tmp_path):
 # --------------------------------------------------------------------------
 # catalogue: models/clear folder, names, training settings, resolution
 
-@pytest.fixture
-def clear_folders(W, tmp_path, monkeypatch):
-    import folder_paths
-
-    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    monkeypatch.delitem(folder_paths.folder_names_and_paths, W.FOLDER, raising=False)
-    return folder_paths
-
 
 def test_register_is_idempotent_and_keeps_yaml_folder_first(W, clear_folders, tmp_path, monkeypatch):
     default = str(tmp_path / "models" / "clear")
