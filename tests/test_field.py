@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from test_patch import _conditioning, _sample, env  # noqa: F401  (env is a fixture)
-from test_weights import W, clear_folders  # noqa: F401  (fixtures)
+from test_weights import W  # noqa: F401  (fixture; clear_folders is in conftest)
 
 pytestmark = pytest.mark.comfyui
 
