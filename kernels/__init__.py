@@ -165,45 +165,9 @@ def _run_backend(name, q, k, v, text_len, grid, window, down_factor, pooled_k, p
                                  pooled_v=pooled_v, scale=scale)
 
 
-# The self-check problem: several tiles with borders and an interior, text
-# keys, odd sizes; small enough to cost milliseconds on a GPU.
-_CHECK_SHAPE = dict(batch=1, heads=2, text_len=7, grid=(19, 21))
-_CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-
-
 def _short(exc):
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
-
-
-def _check_against_torch(run, *, device, dtype, head_dim, window, down_factor):
-    """None if ``run(q, k, v, text_len, grid, window, down_factor, pooled_k,
-    pooled_v, scale)`` matches the torch path on a small random problem, else
-    why not. Everything, the reference included, runs inside the failure
-    handling: a broken device context gives a reason, never an exception."""
-    B, H, T, (h, w) = (_CHECK_SHAPE[key] for key in ("batch", "heads", "text_len", "grid"))
-    try:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(B, H, T + h * w, head_dim, generator=gen).to(device=device, dtype=dtype)
-                   for _ in range(3))
-        pooled_k = pooled_v = None
-        if down_factor > 1:
-            pooled_k = pool_image_tokens(k[:, :, T:], (h, w), down_factor)
-            pooled_v = pool_image_tokens(v[:, :, T:], (h, w), down_factor)
-        scale = head_dim ** -0.5
-        out = run(q, k, v, T, (h, w), window, down_factor, pooled_k, pooled_v, scale)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # a launch error surfaces here, not later in the user's step
-        ref = clear_attention_torch(q, k, v, text_len=T, grid=(h, w), window=window, pooled_k=pooled_k,
-                                    pooled_v=pooled_v, scale=scale).double()
-        if out.shape != q.shape or not torch.isfinite(out).all():
-            return "non-finite or misshapen output"
-        err = ((out.double() - ref).norm() / ref.norm()).item()
-    except Exception as exc:  # compile or launch failure: anything the backend (or the device) raised
-        return _short(exc)
-    if not err < _CHECK_TOL[dtype]:
-        return f"wrong result (relative error {err:.2e} vs the torch path)"
-    return None
 
 
 def _self_check(name, device, dtype, head_dim, window, down_factor):
@@ -211,11 +175,12 @@ def _self_check(name, device, dtype, head_dim, window, down_factor):
     device, dtype, head_dim, window and down factor, else why not. The one
     entry point of the check; it runs under the device's CUDA context."""
     # run(q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale) -> output
+    from .selfcheck import check_backend
+
     run = functools.partial(_run_backend, name)
     with device_guard(device):
-        # kernels/selfcheck.py's check_backend takes the same arguments.
-        return _check_against_torch(run, device=device, dtype=dtype, head_dim=head_dim, window=window,
-                                    down_factor=down_factor)
+        return check_backend(run, device=device, dtype=dtype, head_dim=head_dim, window=window,
+                             down_factor=down_factor)
 
 
 class _Untrusted(Exception):

@@ -240,7 +240,10 @@ def check_backend(run, *, device, dtype, head_dim, window, down_factor):
     device = torch.device(device)
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        return _check(run, device, dtype, head_dim, window, down_factor)
+        try:
+            return _check(run, device, dtype, head_dim, window, down_factor)
+        except Exception as exc:  # e.g. a CUDA context broken by the backend: a reason, never the user's step
+            return f"the check failed: {_reason(exc)}"
 
 
 def _check(run, device, dtype, head_dim, window, down_factor):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import comfyui_clear.kernels as kernels
-from comfyui_clear.kernels import clear_attention
+from comfyui_clear.kernels import clear_attention, selfcheck
 from oracle import clear_oracle, rel_err
 
 pytest.importorskip("torch.nn.attention.flex_attention", reason="this torch has no FlexAttention")
@@ -39,10 +39,17 @@ def _oracle(q, k, v, d=1):
     return clear_oracle(q, k, v, SHAPE["T"], (SHAPE["h"], SHAPE["w"]), SHAPE["r"], d)
 
 
+def _small_self_check(monkeypatch, grid):
+    monkeypatch.setattr(selfcheck, "BATCH", 1)
+    monkeypatch.setattr(selfcheck, "TEXT_LEN", 3)
+    monkeypatch.setattr(selfcheck, "check_grid", lambda window, down_factor: grid)
+
+
 @pytest.fixture
 def auto_on_cpu(monkeypatch):
     """Fresh trust state, "auto" considering the CPU a fast device, and a log of
-    which backend each call ran."""
+    which backend each call ran (a self-check, whatever number of passes it
+    launches, counts once)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 to run the Triton kernel on the CPU")
     pytest.importorskip("triton")
@@ -51,16 +58,26 @@ def auto_on_cpu(monkeypatch):
     monkeypatch.setattr(kernels, "_CHOICES", {})
     monkeypatch.setattr(kernels, "_fast_device", lambda q: True)
     # the GPU check problem, shrunk for the interpreter (still several tiles and borders)
-    monkeypatch.setattr(kernels, "_CHECK_SHAPE", dict(batch=1, heads=1, text_len=3, grid=(9, 11)))
+    _small_self_check(monkeypatch, (9, 11))
     monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
-    ran = []
-    real = kernels._run_backend
+    ran, checking = [], []
+    real, real_check = kernels._run_backend, kernels._self_check
 
     def spy(name, *args, **kwargs):
-        ran.append(name)
+        if not checking:
+            ran.append(name)
         return real(name, *args, **kwargs)
 
+    def check_spy(name, *args, **kwargs):
+        ran.append(name)
+        checking.append(name)
+        try:
+            return real_check(name, *args, **kwargs)
+        finally:
+            checking.pop()
+
     monkeypatch.setattr(kernels, "_run_backend", spy)
+    monkeypatch.setattr(kernels, "_self_check", check_spy)
     return ran
 
 
@@ -144,7 +161,7 @@ def test_wrong_result_falls_back(auto_on_cpu, caplog, monkeypatch):
     assert auto_on_cpu[-1] == "flex"
     assert rel_err(out, _oracle(q, k, v)) < 1e-2
     (warning,) = _clear_warnings(caplog)
-    assert "wrong result" in warning.getMessage() and "bfloat16" in warning.getMessage()
+    assert "visits the wrong keys" in warning.getMessage() and "bfloat16" in warning.getMessage()
 
 
 def test_flex_failing_too_falls_back_to_torch(auto_on_cpu, caplog, monkeypatch):
@@ -428,6 +445,7 @@ def test_launches_and_self_check_run_on_the_tensors_device(fake_cuda, monkeypatc
     assert events == [("launch", 1), ("launch", 1)] and current == [0]  # one launch per batch element
     assert out.device == q.device and out.transpose(1, 2).is_contiguous()
     events.clear()
+    _small_self_check(monkeypatch, (4, 5))  # batch 1: one launch
     why = kernels._self_check("triton", q.device, q.dtype, 64, 2, 1)
     assert events == [("launch", 1), ("sync", 1)] and current == [0]
     assert isinstance(why, str)  # fake tensors cannot be compared: a reason, not an exception
@@ -439,8 +457,8 @@ def test_self_check_reference_failure_is_a_reason(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(kernels, "clear_attention_torch", broken)
-    monkeypatch.setattr(kernels, "_CHECK_SHAPE", dict(batch=1, heads=1, text_len=3, grid=(5, 6)))
+    monkeypatch.setattr(selfcheck, "clear_attention_torch", broken)
+    _small_self_check(monkeypatch, (5, 6))
     why = kernels._self_check("flex", torch.device("cpu"), torch.float32, 16, 3, 1)
     assert "illegal memory access" in why
 

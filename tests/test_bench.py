@@ -115,6 +115,7 @@ def test_gpu_check_dry_run(comfyui, tmp_path):
     assert all(r["ok"] and r["rel_err"] < 2e-2 for r in corr["triton_vs_torch"])
     assert corr["self_check"] and all(v["triton"] == v["flex"] == v["torch"] == "pass"
                                       for v in corr["self_check"].values())
+    assert all(v[f"{name}_ms"] > 0 for v in corr["self_check"].values() for name in ("triton", "flex", "torch"))
     assert all("torch" in v["auto_ran"] for v in corr["self_check"].values())  # "auto" off CUDA: the torch path
     assert corr["compile"] and all(r["ok"] for r in corr["compile"])
     assert len(corr["flex_sizes"]) > corr["recompile_limit"] and all(r["ok"] for r in corr["flex_sizes"])
