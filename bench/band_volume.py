@@ -57,7 +57,8 @@ def ulysses_bytes(parts, grid, text_len, batch=1, heads=24, head_dim=128, itemsi
 def layer_flops(grid, text_len, window, down_factor=1, heads=24, head_dim=128, hidden=3072, mlp=12288, parts=1):
     """Modelled FLOPs one GPU spends on one single-stream block (the most common
     block of FLUX.1) over its band: linear layers plus CLEAR attention (disc of
-    pi r^2 keys, text and pooled keys; halo query rows included)."""
+    pi r^2 keys, text and pooled keys; halo query rows and the band call's
+    discarded text rows included)."""
     h, w = grid
     rows = -(-h // parts)
     n = rows * w + text_len
@@ -66,8 +67,8 @@ def layer_flops(grid, text_len, window, down_factor=1, heads=24, head_dim=128, h
     q_img = (rows + (2 * (window - 1) if parts > 1 else 0)) * w
     keys = math.pi * window ** 2 + text_len + pooled
     attn = 4 * heads * head_dim * (q_img * keys + text_len * (h * w / parts + text_len))
-    if parts > 1 and pooled:
-        attn += 4 * heads * head_dim * pooled * (text_len + pooled + q_img)  # pooled rows as text queries
+    if parts > 1:  # the band call's own text rows, over text and band keys, discarded (the merged partials win)
+        attn += 4 * heads * head_dim * text_len * (text_len + q_img)
     return linear + attn
 
 

@@ -35,7 +35,8 @@ log = logging.getLogger("comfyui_clear")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_inputs(q, k, v, text_len, grid, window, down_factor, spatial_weight, scale, backend):
+def _check_inputs(q, k, v, text_len, grid, window, down_factor, spatial_weight, scale, backend, pooled_k=None,
+                  pooled_v=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"clear_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -75,10 +76,34 @@ def _check_inputs(q, k, v, text_len, grid, window, down_factor, spatial_weight, 
         d = down_factor
         if shape not in ((d, d), (1, 1, 1, d, 1, d, 1), (d * d,)):
             raise ValueError(f"clear_attention: spatial_weight shape {shape} is not (d, d) or (1, 1, 1, d, 1, d, 1) for d={d}")
+    if pooled_k is not None or pooled_v is not None:
+        _check_pooled(q, pooled_k, pooled_v, down_factor, spatial_weight)
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"clear_attention: scale must be a positive finite number or None, got {scale!r}")
     if backend not in BACKENDS:
         raise ValueError(f"clear_attention: backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_pooled(q, pooled_k, pooled_v, down_factor, spatial_weight):
+    if pooled_k is None or pooled_v is None:
+        raise ValueError("clear_attention: pass pooled_k and pooled_v together (or neither)")
+    for name, t in (("pooled_k", pooled_k), ("pooled_v", pooled_v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"clear_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]):
+            raise ValueError(f"clear_attention: {name} must have shape (batch, heads, pooled tokens, head_dim) = "
+                             f"({q.shape[0]}, {q.shape[1]}, P, {q.shape[3]}), got {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES or t.device != q.device:
+            raise ValueError(f"clear_attention: {name} must be a float tensor on {q.device}, got {t.dtype} on {t.device}")
+    if pooled_k.shape != pooled_v.shape:
+        raise ValueError(f"clear_attention: pooled_k and pooled_v must have one shape, got "
+                         f"{tuple(pooled_k.shape)}, {tuple(pooled_v.shape)}")
+    if down_factor == 1:
+        raise ValueError("clear_attention: pooled_k/pooled_v are given but down_factor is 1; pass the d they were "
+                         "pooled with (it selects the kernel configuration)")
+    if spatial_weight is not None:
+        raise ValueError("clear_attention: spatial_weight applies when clear_attention pools; with pooled_k/pooled_v "
+                         "given, pool with it beforehand (pool_image_tokens) and leave it None")
 
 
 def triton_supported(q):
@@ -332,7 +357,8 @@ def _empty_strides(B, H, L, D):
     return (L * H * D, D, H * D, 1)
 
 
-def _clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor, spatial_weight, scale, backend):
+def _clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor, spatial_weight, scale, backend,
+                          pooled_k=None, pooled_v=None):
     """The op's implementation: backend choice, self-check, pooling and the
     run. Never traced by torch.compile."""
     grid = (grid_h, grid_w)
@@ -350,8 +376,7 @@ def _clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor
         _note_choice(q, "dense (window covers the grid)", "sdpa", "the window covers the whole grid")
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
-    pooled_k = pooled_v = None
-    if down_factor > 1:
+    if down_factor > 1 and pooled_k is None:
         T = text_len
         pooled_k = pool_image_tokens(k[:, :, T:], grid, down_factor, spatial_weight)
         pooled_v = pool_image_tokens(v[:, :, T:], grid, down_factor, spatial_weight)
@@ -377,13 +402,15 @@ def _register_op():
     @torch.library.custom_op("comfyui_clear::clear_attention", mutates_args=())
     def clear_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int, grid_h: int,
                            grid_w: int, window: int, down_factor: int, spatial_weight: Optional[torch.Tensor],
-                           scale: float, backend: str) -> torch.Tensor:
+                           scale: float, backend: str, pooled_k: Optional[torch.Tensor] = None,
+                           pooled_v: Optional[torch.Tensor] = None) -> torch.Tensor:
         impl = sys.modules[module]
         return impl._output_layout(impl._clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor,
-                                                              spatial_weight, scale, backend))
+                                                              spatial_weight, scale, backend, pooled_k, pooled_v))
 
     @clear_attention_op.register_fake
-    def _(q, k, v, text_len, grid_h, grid_w, window, down_factor, spatial_weight, scale, backend):
+    def _(q, k, v, text_len, grid_h, grid_w, window, down_factor, spatial_weight, scale, backend, pooled_k=None,
+          pooled_v=None):
         B, H, L, D = q.shape
         return q.new_empty((B, L, H, D)).transpose(1, 2)
 
@@ -394,7 +421,7 @@ _OP = _register_op()
 
 
 def clear_attention(q, k, v, *, text_len, grid, window, down_factor=1, spatial_weight=None, scale=None,
-                    backend="auto"):
+                    backend="auto", pooled_k=None, pooled_v=None):
     """CLEAR attention over a ``[text | image]`` sequence.
 
     q, k, v: (batch, heads, text_len + h*w, head_dim), text first, image row-major.
@@ -402,7 +429,11 @@ def clear_attention(q, k, v, *, text_len, grid, window, down_factor=1, spatial_w
     key (y', x') when (y-y')^2 + (x-x')^2 < r^2, plus every text key and, when
     down_factor d > 1, every pooled key (d x d blocks reduced by
     ``spatial_weight``, default mean; partial edge blocks are edge-padded).
-    Text queries see every text and image key. scale defaults to
+    Text queries see every text and image key. pooled_k, pooled_v (B, H, P,
+    D): pooled keys/values computed by the caller (e.g. of the whole image
+    when q, k, v hold one band of it, kernels/band.py) instead of from k and
+    v; down_factor (> 1) is then the d they were pooled with (it picks the
+    kernel configuration) and spatial_weight stays None. scale defaults to
     1/sqrt(head_dim). backend: "auto" (where the mask is dense, SDPA; on
     CUDA: Triton if it passes a first-use self-check, else FlexAttention if
     that does, else torch; the environment variable CLEAR_ATTENTION_BACKEND
@@ -412,14 +443,15 @@ def clear_attention(q, k, v, *, text_len, grid, window, down_factor=1, spatial_w
     memory, so ``out.transpose(1, 2)`` is contiguous.
     Safe under torch.compile (one opaque custom op).
     """
-    _check_inputs(q, k, v, text_len, grid, window, down_factor, spatial_weight, scale, backend)
+    _check_inputs(q, k, v, text_len, grid, window, down_factor, spatial_weight, scale, backend, pooled_k, pooled_v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     # Traced code gets the opaque op; eager calls run its implementation
     # directly (same result, no dispatcher round trip, and dispatch modes,
     # such as the memory tests' LiveBytes, see every tensor it makes).
     run = _OP if _is_compiling() else _clear_attention_impl
-    return run(q, k, v, text_len, grid[0], grid[1], window, down_factor, spatial_weight, float(scale), backend)
+    return run(q, k, v, text_len, grid[0], grid[1], window, down_factor, spatial_weight, float(scale), backend,
+               pooled_k, pooled_v)
 
 
 def _is_compiling():

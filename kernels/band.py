@@ -16,11 +16,10 @@ In one attention layer it needs, besides its own q, k, v:
   workers in a fixed order (so every worker gets the same text rows).
 
 The image rows then run the public ``clear_attention`` on
-``[text | pooled | halo-extended band]`` with pooled keys placed as extra text
-keys (text keys are seen by every image query, unmasked, as pooled keys are),
-``down_factor=1`` and the single-device scale; only the band's rows are kept.
-The halo's query rows are zero and discarded (wasted work: 2(r-1) rows per
-band). The text and pooled query rows of that call are discarded too.
+``[text | halo-extended band]`` with the whole image's pooled keys passed in
+(``pooled_k``/``pooled_v``) and the single-device scale; only the band's rows
+are kept. The halo's query rows are zero and discarded (wasted work: 2(r-1)
+rows per band), and so are that call's text rows (T rows over the band).
 
 Workers meet twice per layer at an ``Exchange`` (an in-process, barrier-
 synchronised mailbox; tensors move between devices with ``Tensor.to``, peer
@@ -274,23 +273,17 @@ def clear_attention_band(q, k, v, *, rank, bands, exchange, text_len, grid, wind
                  for s in range(len(bands))]
         out[:, :, :T] = merge_partials(parts).to(q.dtype)
 
-    # Image rows: [text | pooled | halo-extended band], pooled keys as text keys.
+    # Image rows: [text | halo-extended band] with the whole image's pooled keys.
     n_ext = (hi - lo) * w
     q_ext = q.new_zeros(q.shape[0], q.shape[1], n_ext, q.shape[3])
     q_ext[:, :, (y0 - lo) * w:(y1 - lo) * w] = q[:, :, T:]
-    groups_q, groups_k, groups_v = [q[:, :, :T]], [k[:, :, :T]], [v[:, :, :T]]
-    extra = 0
-    if pk is not None:
-        extra = pk.shape[2]
-        groups_q.append(q.new_zeros(q.shape[0], q.shape[1], extra, q.shape[3]))
-        groups_k.append(pk.to(q.dtype))
-        groups_v.append(pv.to(q.dtype))
     a_hi = min(h, y1 + window - 1)  # attention needs rows lo..a_hi only (pooling may have fetched more)
     n_att = (a_hi - lo) * w
-    res = clear_attention(torch.cat(groups_q + [q_ext[:, :, :n_att]], 2),
-                          torch.cat(groups_k + [k_ext[:, :, :n_att]], 2),
-                          torch.cat(groups_v + [v_ext[:, :, :n_att]], 2),
-                          text_len=T + extra, grid=(a_hi - lo, w), window=window, scale=scale)
-    start = T + extra + (y0 - lo) * w
+    res = clear_attention(torch.cat([q[:, :, :T], q_ext[:, :, :n_att]], 2),
+                          torch.cat([k[:, :, :T], k_ext[:, :, :n_att]], 2),
+                          torch.cat([v[:, :, :T], v_ext[:, :, :n_att]], 2),
+                          text_len=T, grid=(a_hi - lo, w), window=window, down_factor=d, pooled_k=pk,
+                          pooled_v=pv, scale=scale)
+    start = T + (y0 - lo) * w
     out[:, :, T:] = res[:, :, start:start + (y1 - y0) * w]
     return out

@@ -23,7 +23,9 @@ def pooled_tokens(x_img, h, w, d, weight):
     return out.reshape(B, H, hp * wp, D)
 
 
-def clear_oracle(q, k, v, text_len, grid, window, down_factor=1, spatial_weight=None, scale=None):
+def clear_oracle(q, k, v, text_len, grid, window, down_factor=1, spatial_weight=None, scale=None, pooled_k=None,
+                 pooled_v=None):
+    """pooled_k/pooled_v: pooled keys given by the caller (then not pooled here)."""
     B, H, L, D = q.shape
     T = text_len
     h, w = grid
@@ -31,7 +33,10 @@ def clear_oracle(q, k, v, text_len, grid, window, down_factor=1, spatial_weight=
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     keys, vals = k, v
     P = 0
-    if down_factor > 1:
+    if pooled_k is not None:
+        P = pooled_k.shape[2]
+        keys, vals = torch.cat([k, pooled_k.double()], 2), torch.cat([v, pooled_v.double()], 2)
+    elif down_factor > 1:
         d = down_factor
         weight = (torch.full((d, d), 1.0 / d / d, dtype=torch.float64) if spatial_weight is None
                   else spatial_weight.reshape(d, d).double())

@@ -149,6 +149,43 @@ def test_bad_tensors_raise(bad, match):
         clear_attention(bad(q), k, v, text_len=2, grid=(4, 4), window=2)
 
 
+@pytest.mark.parametrize("P", [5, 70])  # 70: more than one 64-key chunk
+def test_precomputed_pooled_keys(P):
+    """pooled_k/pooled_v from the caller (the multi-GPU split passes the whole
+    image's): any count, seen by every image row and by no text row."""
+    B, H, D, T, h, w, r = 2, 2, 8, 3, 6, 7, 3
+    q, k, v = _inputs(B, H, D, T + h * w)
+    pk, pv = _inputs(B, H, D, P)[:2]
+    out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=4, pooled_k=pk, pooled_v=pv,
+                          backend="torch")
+    assert rel_err(out, clear_oracle(q, k, v, T, (h, w), r, pooled_k=pk, pooled_v=pv)) < 1e-12
+    # the keys it would pool itself give its own result
+    sw = torch.rand(2, 2, dtype=torch.float64)
+    pk, pv = (pool_image_tokens(x[:, :, T:], (h, w), 2, sw) for x in (k, v))
+    inside = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=2, spatial_weight=sw,
+                             backend="torch")
+    given = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=2, pooled_k=pk, pooled_v=pv,
+                            backend="torch")
+    assert rel_err(given, inside) < 1e-14
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(pooled_k="P"), "together"),
+    (dict(pooled_k="P", pooled_v="P"), "down_factor is 1"),
+    (dict(pooled_k="P", pooled_v="P", down_factor=2, spatial_weight=torch.ones(2, 2)), "spatial_weight"),
+    (dict(pooled_k="P", pooled_v="P3", down_factor=2), "heads, pooled tokens, head_dim"),
+    (dict(pooled_k="P", pooled_v="P9", down_factor=2), "one shape"),
+    (dict(pooled_k="P", pooled_v=[1.0], down_factor=2), "torch.Tensor"),
+])
+def test_bad_pooled_keys_raise_one_clear_error(kwargs, match):
+    q, k, v = _inputs(1, 2, 8, 2 + 4 * 4)
+    tensors = {"P": torch.randn(1, 2, 4, 8, dtype=torch.float64), "P3": torch.randn(1, 3, 4, 8, dtype=torch.float64),
+               "P9": torch.randn(1, 2, 9, 8, dtype=torch.float64)}
+    kwargs = {key: tensors.get(val, val) if isinstance(val, str) else val for key, val in kwargs.items()}
+    with pytest.raises(ValueError, match=match):
+        clear_attention(q, k, v, text_len=2, grid=(4, 4), window=2, **kwargs)
+
+
 def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = _inputs(1, 1, 16, 4, dtype=torch.float32)

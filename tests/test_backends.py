@@ -338,7 +338,8 @@ def test_op_fake_matches_real():
     q, k, v = _inputs()
     for args in ((q, k, v, SHAPE["T"], SHAPE["h"], SHAPE["w"], SHAPE["r"], 1, None, 0.25, "torch"),
                  (q, k, v, SHAPE["T"], SHAPE["h"], SHAPE["w"], 99, 1, None, 0.25, "auto"),  # dense: SDPA
-                 (q, k, v, SHAPE["T"], SHAPE["h"], SHAPE["w"], 3, 2, torch.full((2, 2), 0.25), 0.25, "torch")):
+                 (q, k, v, SHAPE["T"], SHAPE["h"], SHAPE["w"], 3, 2, torch.full((2, 2), 0.25), 0.25, "torch"),
+                 (q, k, v, SHAPE["T"], SHAPE["h"], SHAPE["w"], 3, 4, None, 0.25, "torch", q[:, :, :9], v[:, :, 2:11])):
         torch.library.opcheck(torch.ops.comfyui_clear.clear_attention.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -369,6 +370,30 @@ def test_output_transposes_to_contiguous(backend, compiled):
         assert out.transpose(1, 2).is_contiguous()
         B, L, H, D = out.transpose(1, 2).shape
         assert out.transpose(1, 2).reshape(B, L, H * D).data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "flex"])
+def test_precomputed_pooled_keys_every_backend(backend, compiled):
+    """pooled_k/pooled_v from the caller (the multi-GPU split's whole-image
+    pooled keys): any count (70: two 64-key chunks), strided, through the op
+    under torch.compile too."""
+    if backend == "triton" and kernels.triton_supported(_inputs()[0]) is not None:
+        pytest.skip(kernels.triton_supported(_inputs()[0]))
+    q, k, v = _inputs()
+    gen = torch.Generator().manual_seed(5)
+    pk, pv = (torch.randn(70, 1, 2, 16, generator=gen).permute(1, 2, 0, 3) for _ in range(2))  # not contiguous
+
+    def f(q, k, v, pk, pv):
+        return clear_attention(q, k, v, text_len=SHAPE["T"], grid=(SHAPE["h"], SHAPE["w"]), window=SHAPE["r"],
+                               down_factor=4, pooled_k=pk, pooled_v=pv, backend=backend)
+
+    if compiled:
+        torch._dynamo.reset()
+        f = torch.compile(f, backend="eager", fullgraph=True)
+    out = f(q, k, v, pk, pv)
+    ref = clear_oracle(q, k, v, SHAPE["T"], (SHAPE["h"], SHAPE["w"]), SHAPE["r"], pooled_k=pk, pooled_v=pv)
+    assert rel_err(out, ref) < 1e-5
 
 
 # --- dense shortcut ----------------------------------------------------------
