@@ -72,6 +72,60 @@ SECTIONS = ("triton", "self_check", "compile", "flex")
 SECTION_ENDS = {"triton": 0.30, "self_check": 0.42, "compile": 0.57, "flex": 0.95}
 
 
+def _self_checks(res, kernels, selfcheck, sections, dry, cuda, device, dtypes, inputs, exact, late, fail):
+    """Correctness section 2: the first-use self-check per variant."""
+    import torch
+
+    from comfyui_clear.kernels import clear_attention
+
+    print("[correctness] first-use self-check per variant", flush=True)
+    # one per kernel configuration: 8x8 key blocks, with pooled keys, 2x8 blocks (r > 16 with d > 1)
+    configs, head_dims = (((3, 1), (3, 2)), (16,)) if dry else (((16, 1), (16, 4), (32, 4)), (64, 128))
+    variants = [(dt, hd, r, d) for dt in dtypes for hd in head_dims for r, d in configs
+                if not dry or (dt == torch.bfloat16) == (d == 1)]
+    for dtype, hd, r, d in variants if "self_check" in sections else []:
+        key = f"{str(dtype)[6:]} head_dim {hd} r{r} d{d}"
+        if late(f"self_check {key}"):
+            continue
+        grid, t = selfcheck.check_grid(r, d), selfcheck.TEXT_LEN
+        entry, outs = {"check_grid": grid, "check_text_len": t, "check_batch": selfcheck.BATCH}, {}
+        for name in ("triton", "flex", "torch"):
+            try:
+                why = kernels._self_check(name, torch.device(device), dtype, hd, r, d)  # compiles
+                start = time.perf_counter()
+                why = kernels._self_check(name, torch.device(device), dtype, hd, r, d)  # synchronises inside
+                entry[f"{name}_ms"] = round(1e3 * (time.perf_counter() - start), 2)
+                entry[name] = "pass" if why is None else why
+            except Exception as exc:  # the check must never raise: that is a finding too
+                entry[name] = f"check raised {type(exc).__name__}: {str(exc).strip()[:200]}"
+                fail(f"the self-check raised for {name} {key}: {entry[name]}")
+        q, k, v = inputs(1, 2, t + grid[0] * grid[1], hd, dtype, 99)
+        ref = exact(q, k, v, t, grid, r, d)
+        try:
+            auto = clear_attention(q, k, v, text_len=t, grid=grid, window=r, down_factor=d)
+            entry["auto_rel_err"] = _rel_err(auto, ref)
+        except Exception as exc:
+            auto, entry["auto_error"] = None, f"{type(exc).__name__}: {str(exc)[:300]}"
+            fail(f"auto backend raised for {key}: {entry['auto_error']}")
+        for name in ("triton", "flex", "torch"):
+            try:
+                outs[name] = clear_attention(q, k, v, text_len=t, grid=grid, window=r, down_factor=d, backend=name)
+            except Exception:
+                pass  # its verdict above says why
+        # what "auto" ran, from the public API: the backends whose output it reproduces bit for bit
+        entry["auto_ran"] = [n for n, o in outs.items() if auto is not None and torch.equal(o, auto)]
+        entry["verdict"] = "|".join(entry["auto_ran"]) or "none of the forced backends"
+        res["self_check"][key] = entry
+        print(f"  {key}: auto ran {entry['verdict']}; check triton {entry['triton']} "
+              f"({entry.get('triton_ms', '-')} ms), flex {entry['flex']} ({entry.get('flex_ms', '-')} ms)", flush=True)
+        if cuda and entry["triton"] != "pass":
+            fail(f"the Triton kernel fails its check for {key}: {entry['triton']}")
+        if cuda and "triton" not in entry["auto_ran"]:
+            fail(f"auto did not run the Triton kernel for {key} on a GPU (ran {entry['verdict']})")
+        if entry.get("auto_rel_err", 0) >= TOL[str(dtype)[6:]]:
+            fail(f"auto backend wrong for {key}: relative error {entry['auto_rel_err']:.2e}")
+
+
 def correctness(json_path, budget_s, dry, sections=SECTIONS):
     """Part 1, in its own process; returns the exit status (1 on any mismatch)."""
     import logging
@@ -157,55 +211,14 @@ def correctness(json_path, budget_s, dry, sections=SECTIONS):
     # check costs (the second call: compiles excluded), then what "auto" runs on a problem of that size
     from comfyui_clear.kernels import selfcheck
 
-    if dry:  # the interpreter: the check problem shrunk like tests/test_backends.py does
+    saved = selfcheck.BATCH, selfcheck.TEXT_LEN, selfcheck.check_grid
+    if dry:  # the interpreter: the check problem shrunk like tests/test_backends.py does (restored below)
         selfcheck.BATCH, selfcheck.TEXT_LEN = 1, check_text
         selfcheck.check_grid = lambda window, down_factor: check_grid
-    print("[correctness] first-use self-check per variant", flush=True)
-    # one per kernel configuration: 8x8 key blocks, with pooled keys, 2x8 blocks (r > 16 with d > 1)
-    configs, head_dims = (((3, 1), (3, 2)), (16,)) if dry else (((16, 1), (16, 4), (32, 4)), (64, 128))
-    variants = [(dt, hd, r, d) for dt in dtypes for hd in head_dims for r, d in configs
-                if not dry or (dt == torch.bfloat16) == (d == 1)]
-    for dtype, hd, r, d in variants if "self_check" in sections else []:
-        key = f"{str(dtype)[6:]} head_dim {hd} r{r} d{d}"
-        if late(f"self_check {key}"):
-            continue
-        grid, t = selfcheck.check_grid(r, d), selfcheck.TEXT_LEN
-        entry, outs = {"check_grid": grid, "check_text_len": t, "check_batch": selfcheck.BATCH}, {}
-        for name in ("triton", "flex", "torch"):
-            try:
-                why = kernels._self_check(name, torch.device(device), dtype, hd, r, d)  # compiles
-                start = time.perf_counter()
-                why = kernels._self_check(name, torch.device(device), dtype, hd, r, d)  # synchronises inside
-                entry[f"{name}_ms"] = round(1e3 * (time.perf_counter() - start), 2)
-                entry[name] = "pass" if why is None else why
-            except Exception as exc:  # the check must never raise: that is a finding too
-                entry[name] = f"check raised {type(exc).__name__}: {str(exc).strip()[:200]}"
-                fail(f"the self-check raised for {name} {key}: {entry[name]}")
-        q, k, v = inputs(1, 2, t + grid[0] * grid[1], hd, dtype, 99)
-        ref = exact(q, k, v, t, grid, r, d)
-        try:
-            auto = clear_attention(q, k, v, text_len=t, grid=grid, window=r, down_factor=d)
-            entry["auto_rel_err"] = _rel_err(auto, ref)
-        except Exception as exc:
-            auto, entry["auto_error"] = None, f"{type(exc).__name__}: {str(exc)[:300]}"
-            fail(f"auto backend raised for {key}: {entry['auto_error']}")
-        for name in ("triton", "flex", "torch"):
-            try:
-                outs[name] = clear_attention(q, k, v, text_len=t, grid=grid, window=r, down_factor=d, backend=name)
-            except Exception:
-                pass  # its verdict above says why
-        # what "auto" ran, from the public API: the backends whose output it reproduces bit for bit
-        entry["auto_ran"] = [n for n, o in outs.items() if auto is not None and torch.equal(o, auto)]
-        entry["verdict"] = "|".join(entry["auto_ran"]) or "none of the forced backends"
-        res["self_check"][key] = entry
-        print(f"  {key}: auto ran {entry['verdict']}; check triton {entry['triton']} "
-              f"({entry.get('triton_ms', '-')} ms), flex {entry['flex']} ({entry.get('flex_ms', '-')} ms)", flush=True)
-        if cuda and entry["triton"] != "pass":
-            fail(f"the Triton kernel fails its check for {key}: {entry['triton']}")
-        if cuda and "triton" not in entry["auto_ran"]:
-            fail(f"auto did not run the Triton kernel for {key} on a GPU (ran {entry['verdict']})")
-        if entry.get("auto_rel_err", 0) >= TOL[str(dtype)[6:]]:
-            fail(f"auto backend wrong for {key}: relative error {entry['auto_rel_err']:.2e}")
+    try:
+        _self_checks(res, kernels, selfcheck, sections, dry, cuda, device, dtypes, inputs, exact, late, fail)
+    finally:
+        selfcheck.BATCH, selfcheck.TEXT_LEN, selfcheck.check_grid = saved
     choices = getattr(kernels, "backend_choices", None)
     if choices is not None and "self_check" in sections:  # what "auto" chose and why, as the package reports it
         try:

@@ -151,7 +151,10 @@ def test_gpu_check_fails_on_a_mismatch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(kernels, "clear_attention", off_by_five_percent)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from comfyui_clear.kernels import selfcheck
+    check_problem = selfcheck.BATCH, selfcheck.TEXT_LEN, selfcheck.check_grid
     assert gpu_check.correctness(str(tmp_path / "c.json"), 60, True, sections=("triton",)) == 1
+    assert (selfcheck.BATCH, selfcheck.TEXT_LEN, selfcheck.check_grid) == check_problem, "dry mode leaked its shrink"
     data = json.loads((tmp_path / "c.json").read_text())
     assert data["failures"] and all("Triton vs torch path" in f for f in data["failures"])
 
