@@ -25,6 +25,7 @@ that crashed (a part stopped by its budget is reported, not an error).
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -72,58 +73,20 @@ SECTIONS = ("triton", "self_check", "compile", "flex")
 SECTION_ENDS = {"triton": 0.30, "self_check": 0.42, "compile": 0.57, "flex": 0.95}
 
 
-def _self_checks(res, kernels, selfcheck, sections, dry, cuda, device, dtypes, inputs, exact, late, fail):
-    """Correctness section 2: the first-use self-check per variant."""
-    import torch
+@contextlib.contextmanager
+def _check_problem(grid, text_len):
+    """The self-check's problem (kernels/selfcheck.py); given a grid (dry runs:
+    the interpreter), shrunk as tests/test_backends.py does, restored after."""
+    from comfyui_clear.kernels import selfcheck
 
-    from comfyui_clear.kernels import clear_attention
-
-    print("[correctness] first-use self-check per variant", flush=True)
-    # one per kernel configuration: 8x8 key blocks, with pooled keys, 2x8 blocks (r > 16 with d > 1)
-    configs, head_dims = (((3, 1), (3, 2)), (16,)) if dry else (((16, 1), (16, 4), (32, 4)), (64, 128))
-    variants = [(dt, hd, r, d) for dt in dtypes for hd in head_dims for r, d in configs
-                if not dry or (dt == torch.bfloat16) == (d == 1)]
-    for dtype, hd, r, d in variants if "self_check" in sections else []:
-        key = f"{str(dtype)[6:]} head_dim {hd} r{r} d{d}"
-        if late(f"self_check {key}"):
-            continue
-        grid, t = selfcheck.check_grid(r, d), selfcheck.TEXT_LEN
-        entry, outs = {"check_grid": grid, "check_text_len": t, "check_batch": selfcheck.BATCH}, {}
-        for name in ("triton", "flex", "torch"):
-            try:
-                why = kernels._self_check(name, torch.device(device), dtype, hd, r, d)  # compiles
-                start = time.perf_counter()
-                why = kernels._self_check(name, torch.device(device), dtype, hd, r, d)  # synchronises inside
-                entry[f"{name}_ms"] = round(1e3 * (time.perf_counter() - start), 2)
-                entry[name] = "pass" if why is None else why
-            except Exception as exc:  # the check must never raise: that is a finding too
-                entry[name] = f"check raised {type(exc).__name__}: {str(exc).strip()[:200]}"
-                fail(f"the self-check raised for {name} {key}: {entry[name]}")
-        q, k, v = inputs(1, 2, t + grid[0] * grid[1], hd, dtype, 99)
-        ref = exact(q, k, v, t, grid, r, d)
-        try:
-            auto = clear_attention(q, k, v, text_len=t, grid=grid, window=r, down_factor=d)
-            entry["auto_rel_err"] = _rel_err(auto, ref)
-        except Exception as exc:
-            auto, entry["auto_error"] = None, f"{type(exc).__name__}: {str(exc)[:300]}"
-            fail(f"auto backend raised for {key}: {entry['auto_error']}")
-        for name in ("triton", "flex", "torch"):
-            try:
-                outs[name] = clear_attention(q, k, v, text_len=t, grid=grid, window=r, down_factor=d, backend=name)
-            except Exception:
-                pass  # its verdict above says why
-        # what "auto" ran, from the public API: the backends whose output it reproduces bit for bit
-        entry["auto_ran"] = [n for n, o in outs.items() if auto is not None and torch.equal(o, auto)]
-        entry["verdict"] = "|".join(entry["auto_ran"]) or "none of the forced backends"
-        res["self_check"][key] = entry
-        print(f"  {key}: auto ran {entry['verdict']}; check triton {entry['triton']} "
-              f"({entry.get('triton_ms', '-')} ms), flex {entry['flex']} ({entry.get('flex_ms', '-')} ms)", flush=True)
-        if cuda and entry["triton"] != "pass":
-            fail(f"the Triton kernel fails its check for {key}: {entry['triton']}")
-        if cuda and "triton" not in entry["auto_ran"]:
-            fail(f"auto did not run the Triton kernel for {key} on a GPU (ran {entry['verdict']})")
-        if entry.get("auto_rel_err", 0) >= TOL[str(dtype)[6:]]:
-            fail(f"auto backend wrong for {key}: relative error {entry['auto_rel_err']:.2e}")
+    saved = selfcheck.BATCH, selfcheck.TEXT_LEN, selfcheck.check_grid
+    if grid is not None:
+        selfcheck.BATCH, selfcheck.TEXT_LEN = 1, text_len
+        selfcheck.check_grid = lambda window, down_factor: grid
+    try:
+        yield selfcheck
+    finally:
+        selfcheck.BATCH, selfcheck.TEXT_LEN, selfcheck.check_grid = saved
 
 
 def correctness(json_path, budget_s, dry, sections=SECTIONS):
@@ -173,6 +136,7 @@ def correctness(json_path, budget_s, dry, sections=SECTIONS):
         check_grid, check_text = (7, 11), 5  # the self-check's problem, shrunk (kernels/selfcheck.py)
     else:  # FLUX head_dim and text length; 1K-4K and odd grids (4 heads: errors do not depend on the count)
         H, D, T = 4, 128, 512
+        check_grid = check_text = None  # the self-check's own problem
         grids, radii, downs = [(64, 64), (97, 131), (128, 128), (255, 189), (256, 256)], [8, 16, 32], [1, 4]
 
     # 1. Triton vs the exact torch path
@@ -209,16 +173,54 @@ def correctness(json_path, budget_s, dry, sections=SECTIONS):
 
     # 2. the first-use self-check (kernels/selfcheck.py) per variant: each backend's verdict and what one
     # check costs (the second call: compiles excluded), then what "auto" runs on a problem of that size
-    from comfyui_clear.kernels import selfcheck
-
-    saved = selfcheck.BATCH, selfcheck.TEXT_LEN, selfcheck.check_grid
-    if dry:  # the interpreter: the check problem shrunk like tests/test_backends.py does (restored below)
-        selfcheck.BATCH, selfcheck.TEXT_LEN = 1, check_text
-        selfcheck.check_grid = lambda window, down_factor: check_grid
-    try:
-        _self_checks(res, kernels, selfcheck, sections, dry, cuda, device, dtypes, inputs, exact, late, fail)
-    finally:
-        selfcheck.BATCH, selfcheck.TEXT_LEN, selfcheck.check_grid = saved
+    with _check_problem(check_grid, check_text) as selfcheck:
+        print("[correctness] first-use self-check per variant", flush=True)
+        # one per kernel configuration: 8x8 key blocks, with pooled keys, 2x8 blocks (r > 16 with d > 1)
+        configs, head_dims = (((3, 1), (3, 2)), (16,)) if dry else (((16, 1), (16, 4), (32, 4)), (64, 128))
+        variants = [(dt, hd, r, d) for dt in dtypes for hd in head_dims for r, d in configs
+                    if not dry or (dt == torch.bfloat16) == (d == 1)]
+        for dtype, hd, r, d in variants if "self_check" in sections else []:
+            key = f"{str(dtype)[6:]} head_dim {hd} r{r} d{d}"
+            if late(f"self_check {key}"):
+                continue
+            grid, t = selfcheck.check_grid(r, d), selfcheck.TEXT_LEN
+            entry, outs = {"check_grid": grid, "check_text_len": t, "check_batch": selfcheck.BATCH}, {}
+            for name in ("triton", "flex", "torch"):
+                try:
+                    why = kernels._self_check(name, torch.device(device), dtype, hd, r, d)  # compiles
+                    start = time.perf_counter()
+                    why = kernels._self_check(name, torch.device(device), dtype, hd, r, d)  # synchronises inside
+                    entry[f"{name}_ms"] = round(1e3 * (time.perf_counter() - start), 2)
+                    entry[name] = "pass" if why is None else why
+                except Exception as exc:  # the check must never raise: that is a finding too
+                    entry[name] = f"check raised {type(exc).__name__}: {str(exc).strip()[:200]}"
+                    fail(f"the self-check raised for {name} {key}: {entry[name]}")
+            q, k, v = inputs(1, 2, t + grid[0] * grid[1], hd, dtype, 99)
+            ref = exact(q, k, v, t, grid, r, d)
+            try:
+                auto = clear_attention(q, k, v, text_len=t, grid=grid, window=r, down_factor=d)
+                entry["auto_rel_err"] = _rel_err(auto, ref)
+            except Exception as exc:
+                auto, entry["auto_error"] = None, f"{type(exc).__name__}: {str(exc)[:300]}"
+                fail(f"auto backend raised for {key}: {entry['auto_error']}")
+            for name in ("triton", "flex", "torch"):
+                try:
+                    outs[name] = clear_attention(q, k, v, text_len=t, grid=grid, window=r, down_factor=d, backend=name)
+                except Exception:
+                    pass  # its verdict above says why
+            # what "auto" ran, from the public API: the backends whose output it reproduces bit for bit
+            entry["auto_ran"] = [n for n, o in outs.items() if auto is not None and torch.equal(o, auto)]
+            entry["verdict"] = "|".join(entry["auto_ran"]) or "none of the forced backends"
+            res["self_check"][key] = entry
+            print(f"  {key}: auto ran {entry['verdict']}; check triton {entry['triton']} "
+                  f"({entry.get('triton_ms', '-')} ms), flex {entry['flex']} ({entry.get('flex_ms', '-')} ms)",
+                  flush=True)
+            if cuda and entry["triton"] != "pass":
+                fail(f"the Triton kernel fails its check for {key}: {entry['triton']}")
+            if cuda and "triton" not in entry["auto_ran"]:
+                fail(f"auto did not run the Triton kernel for {key} on a GPU (ran {entry['verdict']})")
+            if entry.get("auto_rel_err", 0) >= TOL[str(dtype)[6:]]:
+                fail(f"auto backend wrong for {key}: relative error {entry['auto_rel_err']:.2e}")
     choices = getattr(kernels, "backend_choices", None)
     if choices is not None and "self_check" in sections:  # what "auto" chose and why, as the package reports it
         try:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import clear_attention_torch, pool_image_tokens, pooled_grid
+from .selfcheck import _reason, check_backend
 
 __all__ = ["clear_attention", "pool_image_tokens", "pooled_grid", "triton_supported", "flex_supported",
            "backend_choices", "device_guard", "BACKEND_ENV"]
@@ -94,7 +95,8 @@ def _check_pooled(q, pooled_k, pooled_v, down_factor, spatial_weight):
             raise ValueError(f"clear_attention: {name} must have shape (batch, heads, pooled tokens, head_dim) = "
                              f"({q.shape[0]}, {q.shape[1]}, P, {q.shape[3]}), got {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES or t.device != q.device:
-            raise ValueError(f"clear_attention: {name} must be a float tensor on {q.device}, got {t.dtype} on {t.device}")
+            raise ValueError(f"clear_attention: {name} must be a float tensor on {q.device}, "
+                             f"got {t.dtype} on {t.device}")
     if pooled_k.shape != pooled_v.shape:
         raise ValueError(f"clear_attention: pooled_k and pooled_v must have one shape, got "
                          f"{tuple(pooled_k.shape)}, {tuple(pooled_v.shape)}")
@@ -190,22 +192,13 @@ def _run_backend(name, q, k, v, text_len, grid, window, down_factor, pooled_k, p
                                  pooled_v=pooled_v, scale=scale)
 
 
-def _short(exc):
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
-
-
 def _self_check(name, device, dtype, head_dim, window, down_factor):
     """The first-use self-check of backend ``name``: None if it passes for this
     device, dtype, head_dim, window and down factor, else why not. The one
     entry point of the check; it runs under the device's CUDA context."""
     # run(q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale) -> output
-    from .selfcheck import check_backend
-
     run = functools.partial(_run_backend, name)
-    with device_guard(device):
-        return check_backend(run, device=device, dtype=dtype, head_dim=head_dim, window=window,
-                             down_factor=down_factor)
+    return check_backend(run, device=device, dtype=dtype, head_dim=head_dim, window=window, down_factor=down_factor)
 
 
 class _Untrusted(Exception):
@@ -302,7 +295,7 @@ def _run_auto(q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, 
         except torch.cuda.OutOfMemoryError:
             raise  # not the backend's fault: ComfyUI handles it
         except Exception as exc:  # compile or launch error mid-sampling: distrust this variant, run the next
-            why = f"failed while running: {_short(exc)}"
+            why = f"failed while running: {_reason(exc)}"
             for key in keys:
                 _TRUST[key] = why
             failures.append((name, why))

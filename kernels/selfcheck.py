@@ -19,7 +19,6 @@ compares it per row with the exact torch path, in two passes:
    value, < 1e-4 (float32), 1e-2 (float16), 4e-2 (bfloat16).
 """
 
-import contextlib
 import math
 
 import torch
@@ -237,9 +236,10 @@ def check_backend(run, *, device, dtype, head_dim, window, down_factor):
     pooled_k/pooled_v are None when down_factor == 1. Exceptions from ``run``
     (compile or launch errors) become the reason. On CUDA the check runs
     under ``torch.cuda.device(device)`` (Triton launches on the current device)."""
+    from . import device_guard
+
     device = torch.device(device)
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with device_guard(device):
         try:
             return _check(run, device, dtype, head_dim, window, down_factor)
         except Exception as exc:  # e.g. a CUDA context broken by the backend: a reason, never the user's step
