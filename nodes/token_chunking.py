@@ -16,7 +16,8 @@ What stays alive over the whole sequence is x, q, k, v and the attention output
 the GELU activations and their concatenation.
 
 Each Linear layer is cast, dequantized (fp8, GGUF) and patched (LoRA in low-VRAM
-mode) once per block call, and the chunks reuse that weight.
+mode) once per block call, and the chunks reuse that weight; a streamed weight
+left in ComfyUI's reused cast buffer is copied out first (``_held``).
 
 Hooked in with ``patches_replace["dit"]`` wrappers that chain with any earlier
 wrapper of the block, and a DIFFUSION_MODEL wrapper that hands the blocks their
