@@ -16,7 +16,8 @@ What stays alive over the whole sequence is x, q, k, v and the attention output
 the GELU activations and their concatenation.
 
 Each Linear layer is cast, dequantized (fp8, GGUF) and patched (LoRA in low-VRAM
-mode) once per block call, and the chunks reuse that weight.
+mode) once per block call, and the chunks reuse that weight; a streamed weight
+left in ComfyUI's reused cast buffer is copied out first (``_held``).
 
 Hooked in with ``patches_replace["dit"]`` wrappers that chain with any earlier
 wrapper of the block, and a DIFFUSION_MODEL wrapper that hands the blocks their
@@ -172,12 +173,52 @@ def _plain(t):
     return None if t is None else t.as_subclass(torch.Tensor)
 
 
+@contextlib.contextmanager
 def _comfy_cast(layer, x, **kwargs):
+    """ComfyUI's cast of ``layer`` for ``x``, as its forward does it, held for a
+    whole block call. From 0.33 on, a streamed (non-resident) layer is cast into
+    its offload stream's one cast buffer, which the next cast on that stream
+    overwrites (classic path: ``get_cast_buffer``; dynamic VRAM: the aimdo cast
+    buffer, at offset 0); the chunk loops cast other layers meanwhile (QKNorm's
+    RMSNorms per chunk; proj, fc1 and fc2 at once), so what sits in a buffer is
+    copied out once."""
     import comfy.ops
 
-    if hasattr(comfy.ops, "CastBiasWeightContext"):  # newer ComfyUI (0.33): offload streams, dynamic VRAM
-        return comfy.ops.CastBiasWeightContext(layer, x, offloadable=True, **kwargs)
-    return contextlib.nullcontext(comfy.ops.cast_bias_weight(layer, x))  # 0.3.x
+    if not hasattr(comfy.ops, "uncast_bias_weight"):  # 0.3.x: every cast makes its own tensors
+        yield comfy.ops.cast_bias_weight(layer, x)
+        return
+    weight, bias, offload = comfy.ops.cast_bias_weight(layer, x, offloadable=True, **kwargs)
+    try:
+        yield _held(weight, offload), _held(bias, offload)
+    finally:
+        comfy.ops.uncast_bias_weight(layer, weight, bias, offload)  # the stream may reuse its buffer after this
+
+
+def _held(t, offload):
+    """``t`` from cast_bias_weight(offloadable=True), safe to use until uncast
+    whatever is cast meanwhile: copied if it may be in a stream's cast buffer."""
+    import torch
+
+    if t is None or offload is None:
+        return t
+    if not (isinstance(offload, tuple) and len(offload) == 3):
+        return t.clone()  # an offload state this code does not know: assume the buffer
+    stream, staged, staged_bias = offload
+    if stream is None:  # not cast through a stream: the stored tensor, or a tensor of its own
+        return t
+    if isinstance(staged, torch.Tensor):  # classic path: staged = the weight and bias as copied to the device
+        shares = any(s is not None and _same_storage(s, t) for s in (staged, staged_bias))
+        return t.clone() if shares else t  # else a later copy: dtype cast, dequantization or LoRA
+    if staged is not None:  # dynamic VRAM: the layer's own VRAM, pinned until uncast
+        return t
+    return t.clone()  # dynamic VRAM, not resident: staged in the aimdo cast buffer (or a copy of it)
+
+
+def _same_storage(a, b):
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, AttributeError):  # a tensor subclass without storage of its own
+        return True
 
 
 def _mixed_precision_unquantized(layer):
@@ -219,11 +260,28 @@ def _store(buffers, start, end, q, k, v, pe):
         buf[:, :, start:end] = t
 
 
-def _attention(q, k, v, args):
+def _attention(q, k, v, args, block):
+    import inspect
+
     from comfy.ldm.flux.math import attention
 
+    kwargs = {}
+    if hasattr(block, "comfy_attention") and "preferred_attention" in inspect.signature(attention).parameters:
+        kwargs["preferred_attention"] = block.comfy_attention  # newer ComfyUI: the block's own attention choice
     # RoPE is already applied per chunk
-    return attention(q, k, v, pe=None, mask=args.get("attn_mask"), transformer_options=args.get("transformer_options"))
+    return attention(q, k, v, pe=None, mask=args.get("attn_mask"), transformer_options=args.get("transformer_options"),
+                     **kwargs)
+
+
+def _modulated_norm(x, norm, mod):
+    """``norm(x) * (1 + scale) + shift``, through ComfyUI's fused ``modulated_norm``
+    where it has one (newer ComfyUI's blocks use it; it rounds differently)."""
+    from comfy.ldm.flux import layers
+
+    fused = getattr(layers, "modulated_norm", None)
+    if fused is not None:
+        return fused(x, norm, mod.scale, mod.shift)
+    return layers.apply_mod(norm(x), 1 + mod.scale, mod.shift)
 
 
 def double_block(block, args, chunk):
@@ -241,9 +299,9 @@ def double_block(block, args, chunk):
     for x, mod1, _, norm1, attn, _, _, offset in streams:
         with _cast_once(attn.qkv, x) as qkv:
             for s, e in _spans(x.shape[1], chunk):
-                modulated = apply_mod(norm1(x[:, s:e]), 1 + mod1.scale, mod1.shift)
+                modulated = _modulated_norm(x[:, s:e], norm1, mod1)
                 _store((q, k, v), offset + s, offset + e, *_qkv(attn.norm, qkv(modulated), heads), pe)
-    out = _attention(q, k, v, args)
+    out = _attention(q, k, v, args, block)
     del q, k, v
     if out.dtype != img.dtype or not out.is_contiguous():
         out = out.to(img.dtype).contiguous()
@@ -252,7 +310,7 @@ def double_block(block, args, chunk):
         with _cast_once(attn.proj, x) as proj, _cast_once(mlp[0], x) as fc1, _cast_once(mlp[2], x) as fc2:
             for s, e in _spans(x.shape[1], chunk):
                 y = x[:, s:e] + apply_mod(proj(out[:, offset + s:offset + e]), mod1.gate)
-                y = y + apply_mod(fc2(mlp[1](fc1(apply_mod(norm2(y), 1 + mod2.scale, mod2.shift)))), mod2.gate)
+                y = y + apply_mod(fc2(mlp[1](fc1(_modulated_norm(y, norm2, mod2)))), mod2.gate)
                 out[:, offset + s:offset + e] = y
     txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
     if txt_out.dtype == torch.float16:
@@ -273,14 +331,14 @@ def single_block(block, args, chunk):
         # a layer that must run whole keeps GELU(mlp) instead
         mlp_out = torch.empty(b, length, hidden if linear2.materialized else block.mlp_hidden_dim, dtype=x.dtype, device=x.device)
         for s, e in _spans(length, chunk):
-            qkv, mlp = torch.split(linear1(apply_mod(block.pre_norm(x[:, s:e]), 1 + mod.scale, mod.shift)),
+            qkv, mlp = torch.split(linear1(_modulated_norm(x[:, s:e], block.pre_norm, mod)),
                                    [3 * hidden, block.mlp_hidden_dim], dim=-1)
             _store((q, k, v), s, e, *_qkv(block.norm, qkv, heads), pe)
             del qkv
             mlp = block.mlp_act(mlp)
             mlp_out[:, s:e] = linear2(mlp, cols=slice(hidden, None), with_bias=False) if linear2.materialized else mlp
             del mlp
-        attn = _attention(q, k, v, args)
+        attn = _attention(q, k, v, args, block)
         del q, k, v
         for s, e in _spans(length, chunk):
             if linear2.materialized:

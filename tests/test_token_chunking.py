@@ -79,6 +79,40 @@ def test_chunked_blocks_match_comfyui_blocks(tiny, chunking, dtype, chunk, batch
             assert _rel(got, want) < tol, _rel(got, want)
 
 
+def test_chunked_blocks_use_newer_comfyui_block_parts(tiny, chunking):
+    """Newer ComfyUI (the flux038 overlay, ~0.36+): its blocks use the fused
+    modulated_norm and pass the block's comfy_attention (a per-layer attention a
+    checkpoint may pick) to attention; the chunked blocks do too. bf16 double
+    blocks then match ComfyUI's within 1e-3, as on 0.33.0 (3.6e-3 on the
+    overlay with apply_mod(norm(x)))."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    model = tiny.make_tiny_flux(dtype=torch.bfloat16)
+    dm = model.model.diffusion_model
+    img, txt, vec, pe = _block_inputs(dm, 2, 6, (7, 5), torch.bfloat16)
+    calls = []
+    newer = hasattr(dm.double_blocks[0], "comfy_attention")
+    for block in (*dm.double_blocks, *dm.single_blocks):
+        if newer:  # the block's own choice, called instead of the default backend
+            block.comfy_attention.function = lambda *a, **k: calls.append(1) or optimized_attention(*a, **k)
+    with torch.no_grad():
+        for block in dm.double_blocks:
+            want_img, want_txt = block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, transformer_options={})
+            assert len(calls) == newer
+            got_img, got_txt = chunking.double_block(
+                block, {"img": img.clone(), "txt": txt.clone(), "vec": vec, "pe": pe, "transformer_options": {}}, 13)
+            assert len(calls) == 2 * newer
+            assert _rel(got_img, want_img) < 1e-3 and _rel(got_txt, want_txt) < 1e-3, (_rel(got_img, want_img),
+                                                                                       _rel(got_txt, want_txt))
+            calls.clear()
+        x = torch.cat((txt, img), 1)
+        for block in dm.single_blocks:
+            want = block(x.clone(), vec=vec, pe=pe, transformer_options={})
+            got = chunking.single_block(block, {"img": x.clone(), "vec": vec, "pe": pe, "transformer_options": {}}, 13)
+            assert len(calls) == 2 * newer and _rel(got, want) < 1e-2
+            calls.clear()
+
+
 def _conditioning(T, seed):
     import flux_tiny
     return flux_tiny.conditioning(T, seed)
