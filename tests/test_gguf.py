@@ -385,7 +385,7 @@ def write_full_width_q8_0(path, seed=0):
     1-D tensors unquantized). Random 64-row bands, repeated (drawing or quantizing
     0.5 G random values would take most of a minute); Q8_0 blocks: int8 quants
     with a fixed scale."""
-    import gguf
+    gguf = pytest.importorskip("gguf")
 
     from flux_tiny import flux_full_width_shapes
 
