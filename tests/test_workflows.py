@@ -354,20 +354,10 @@ def _shrink(prompt, base_size, target):
 def _execute(nodes, prompt):
     import folder_paths
 
-    from comfyui_clear.nodes.compat import prompt_executor
+    from _comfy_server import execute, prompt_executor
 
-    class Server:
-        client_id = None
-        last_node_id = None
-        sockets_metadata = {}
-
-        def send_sync(self, *args, **kwargs):
-            pass
-
-    executor = prompt_executor(Server())
-    outputs = [k for k, v in prompt.items() if getattr(nodes.NODE_CLASS_MAPPINGS[v["class_type"]], "OUTPUT_NODE", False)]
-    executor.execute(prompt, "test-prompt", {}, outputs)
-    assert executor.success, executor.status_messages[-1:]
+    executor = prompt_executor()
+    execute(executor, prompt)
     return executor.history_result["outputs"], folder_paths.get_output_directory()
 
 
