@@ -113,27 +113,21 @@ def spatial_weight_matrix(spatial_weight, down_factor, device, dtype=torch.float
     return spatial_weight.detach().reshape(d, d).to(device=device, dtype=dtype)
 
 
-# spatial_weight tensor -> (its version counter, its d*d weights as Python floats)
-_WEIGHT_FLOATS = None
-
-
-def _weight_floats(spatial_weight, d):
-    """The d x d pooling weights as nested Python floats, read once per weight
-    tensor (and again only if it is modified in place). The layer weights live
-    on the CPU: as Python scalars they reach the kernels with no host-to-device
-    copy, in every layer of every step."""
-    global _WEIGHT_FLOATS
+def _pooling_weights(spatial_weight, d, device, dtype):
+    """The d x d pooling weights, indexable as [i][j]. From a CPU weight tensor
+    (the layer weights' home) as Python floats, read on every call: they reach
+    the kernels with no host-to-device copy, and d*d values cost ~10 us against
+    a pooling pass of milliseconds. Not cached per tensor: neither an in-place
+    write through ``.data`` nor one to an inference tensor (what ComfyUI's
+    executor makes, under torch.inference_mode) moves a version counter, so a
+    cache could serve stale weights, i.e. a silently different image. A
+    weight on another device, or a traced call (reading values would break
+    the graph), gives a tensor on ``device`` instead: no host sync."""
     if spatial_weight is None:
         return [[1.0 / (d * d)] * d for _ in range(d)]
-    if _WEIGHT_FLOATS is None:
-        from torch.utils.weak import WeakIdKeyDictionary
-        _WEIGHT_FLOATS = WeakIdKeyDictionary()
-    version = spatial_weight._version
-    cached = _WEIGHT_FLOATS.get(spatial_weight)
-    if cached is None or cached[0] != version:
-        cached = (version, spatial_weight.detach().reshape(d, d).double().tolist())
-        _WEIGHT_FLOATS[spatial_weight] = cached
-    return cached[1]
+    if spatial_weight.device.type == "cpu" and not torch.compiler.is_compiling():
+        return spatial_weight.detach().reshape(d, d).double().tolist()
+    return spatial_weight_matrix(spatial_weight, d, device, dtype)
 
 
 def pooling_bytes(batch, heads, grid, head_dim, down_factor, itemsize):
@@ -159,8 +153,9 @@ def pool_image_tokens(x_img, grid, down_factor, spatial_weight=None):
 
     Each block offset (i, j) is a strided view of x (no gather, no copy):
     the interior blocks, the last block row and column (whose rows/columns
-    past the grid repeat its last one) and the corner, each accumulated with a
-    Python-float weight (no weight tensor on the device). Memory: the result
+    past the grid repeat its last one) and the corner, each accumulated with
+    its weight, a Python float for a CPU weight tensor (no weight tensor on
+    the device; ``_pooling_weights``). Memory: the result
     (``pooling_bytes``); mixed-dtype adds on the CPU cast one head at a time.
     """
     h, w = grid
@@ -168,11 +163,7 @@ def pool_image_tokens(x_img, grid, down_factor, spatial_weight=None):
     B, H, N, D = x_img.shape
     hp, wp = pooled_grid(grid, d)
     dtype = _compute_dtype(x_img.dtype)
-    if torch.compiler.is_compiling():
-        # traced: weights as a tensor (reading a tensor's values would break the graph)
-        weights = spatial_weight_matrix(spatial_weight, d, x_img.device, dtype)
-    else:
-        weights = _weight_floats(spatial_weight, d)
+    weights = _pooling_weights(spatial_weight, d, x_img.device, dtype)
     x = x_img.reshape(B, H, h, w, D)
     out = torch.zeros(B, H, hp * wp, D, dtype=dtype, device=x_img.device)
     pooled = out.view(B, H, hp, wp, D)

@@ -17,8 +17,9 @@ def flux_params_extra():
 
 
 def prompt_executor(server):
-    """execution.PromptExecutor without caching between prompts: 0.33 needs
-    ``cache_args`` (main.py passes lru/ram/ram_inactive), 0.3.64 has none."""
+    """execution.PromptExecutor with ComfyUI's classic cache (no cache_type):
+    0.33 needs ``cache_args`` (main.py passes lru/ram/ram_inactive; classic
+    reads none), 0.3.64 has none."""
     import execution
 
     if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:

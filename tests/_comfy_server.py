@@ -1,4 +1,6 @@
-"""A real ComfyUI server for tests: main.py on a free 127.0.0.1 port."""
+"""ComfyUI's prompt execution for tests: a real server (main.py on a free
+127.0.0.1 port), or its PromptExecutor in-process as main.py's prompt worker
+runs it (torch.inference_mode, ComfyUI's output cache)."""
 
 import contextlib
 import os
@@ -47,3 +49,34 @@ def running_server(comfyui, base, module="ComfyUI-CLEAR"):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+class _ServerStub:
+    """What PromptExecutor uses of ComfyUI's PromptServer."""
+    client_id = None
+    last_node_id = None
+    sockets_metadata = {}
+
+    def send_sync(self, *args, **kwargs):
+        pass
+
+
+def prompt_executor():
+    """An in-process PromptExecutor with ComfyUI's classic cache (0.3.64's
+    default, --cache-classic on 0.33): a prompt queued again on it reuses the
+    outputs of every node whose inputs did not change."""
+    from comfyui_clear.nodes.compat import prompt_executor as make
+
+    return make(_ServerStub())
+
+
+def execute(executor, prompt, prompt_id="test-prompt"):
+    """Run an API prompt's output nodes as the prompt worker does; fails with
+    ComfyUI's error message. Returns the ids of the nodes served from cache."""
+    import nodes
+
+    outputs = [k for k, v in prompt.items() if getattr(nodes.NODE_CLASS_MAPPINGS[v["class_type"]], "OUTPUT_NODE", False)]
+    executor.execute(prompt, prompt_id, {}, outputs)
+    event, data = executor.status_messages[-1]
+    assert executor.success, (event, {k: data.get(k) for k in ("node_type", "exception_type", "exception_message")})
+    return next(data["nodes"] for event, data in executor.status_messages if event == "execution_cached")

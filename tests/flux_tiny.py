@@ -91,6 +91,23 @@ def make_tiny_family(family, seed=0):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), unet_config["in_channels"]
 
 
+def detect_as_tiny(monkeypatch):
+    """Make ComfyUI's model detection (0.3.64 fixes FLUX's width at 3072) return
+    the tiny config for a FLUX file, so its loader nodes (UNETLoader,
+    ComfyUI-GGUF's) load tiny FLUX files; the rest of the load is theirs."""
+    import comfy.model_detection
+    import comfy.supported_models
+
+    real = comfy.model_detection.model_config_from_unet
+
+    def detect(state_dict, prefix, *args, **kwargs):
+        config = real(state_dict, prefix, *args, **kwargs)
+        assert config is not None and config.unet_config["image_model"] == "flux", "not detected as FLUX"
+        return comfy.supported_models.Flux(tiny_unet_config())
+
+    monkeypatch.setattr(comfy.model_detection, "model_config_from_unet", detect)
+
+
 def clear_state_dict(hidden=256, depth=2, depth_single=2, down_factor=1, seed=1, dtype=torch.bfloat16):
     """Random CLEAR weights with the published (diffusers) key names."""
     gen = torch.Generator().manual_seed(seed)

@@ -116,6 +116,60 @@ def test_pooling_edge_padding_and_weight_layout():
     assert pooled[0, 0, 5, 0] == 1111 * grid[2, 4]
 
 
+def _inference_tensor(t):
+    with torch.inference_mode():  # as ComfyUI's executor makes every tensor a node creates
+        return t.clone()
+
+
+@pytest.mark.parametrize("change", ["none", "in place", "in place through .data", "in place in inference mode"])
+def test_pooling_reads_the_weights_current_values(change):
+    """Issue 26.2: under ComfyUI's executor (torch.inference_mode) a CLEAR file's
+    pooling weights are inference tensors, which have no version counter (the
+    old per-tensor float cache raised reading it). Pooling takes them in and
+    out of inference mode, and after an in-place write, also one that moves no
+    version counter, pools with the new values, never the ones it saw before."""
+    grid, d = (7, 9), 4
+    x = torch.randn(2, 3, grid[0] * grid[1], 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    values = torch.rand(d, d, generator=torch.Generator().manual_seed(2))
+    weight = values.clone() if change in ("in place", "in place through .data") else _inference_tensor(values)
+    expected = pool_image_tokens(x, grid, d, values.clone())
+    assert torch.equal(pool_image_tokens(x, grid, d, weight), expected)
+    with torch.inference_mode():
+        assert torch.equal(pool_image_tokens(_inference_tensor(x), grid, d, weight), expected)
+    if change == "none":
+        return
+    if change == "in place":
+        weight.mul_(3)
+    elif change == "in place through .data":  # how ComfyUI's copy_to_param writes weights: no version bump
+        weight.data.mul_(3)
+    else:
+        with torch.inference_mode():
+            weight.mul_(3)
+    changed = pool_image_tokens(x, grid, d, values * 3)
+    assert not torch.allclose(changed, expected)
+    assert torch.equal(pool_image_tokens(x, grid, d, weight), changed)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_pooling_weights_traced_and_on_the_tensors_device(inference):
+    """Traced (torch.compile) and with the weight on the tensors' device (meta
+    here: no host sync may read it), pooling uses the weight as a tensor; traced
+    with an inference-tensor weight, in or out of inference mode, it gives the
+    eager result."""
+    grid, d = (6, 5), 2
+    x = torch.randn(1, 2, grid[0] * grid[1], 8, generator=torch.Generator().manual_seed(3))
+    weight = torch.rand(d, d, generator=torch.Generator().manual_seed(4))
+    expected = pool_image_tokens(x, grid, d, weight)
+    if inference:
+        x, weight = _inference_tensor(x), _inference_tensor(weight)
+    torch._dynamo.reset()
+    compiled = torch.compile(pool_image_tokens, backend="eager", fullgraph=True)
+    with torch.inference_mode(inference):
+        assert torch.allclose(compiled(x, grid, d, weight), expected, rtol=1e-6, atol=1e-6)
+    on_meta = pool_image_tokens(x.to("meta"), grid, d, weight.to("meta"))
+    assert on_meta.shape == expected.shape and on_meta.device.type == "meta"
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(text_len=3), "text_len \\+ h\\*w"),
     (dict(text_len=-1), "text_len"),
@@ -443,7 +497,7 @@ def test_no_host_to_device_copies_per_layer(comfyui, monkeypatch, tmp_path):
     """A patched FLUX forward with _down_2 pooling weights (CPU tensors in the
     node's layer settings): every CLEAR call is replayed with q, k, v on the
     "meta" device, counting host-to-device copies. The pooling weights reach
-    the pooling as cached Python floats and the tile coordinates are made on
+    the pooling as Python floats and the tile coordinates are made on
     the device: none per layer, from the first call on."""
     import folder_paths
 

@@ -328,10 +328,9 @@ def test_split_quantized_weights(env, exchanges, weights):
     if weights == "fp8":
         model = _tiny_with_ops(flux_tiny, torch.float8_e4m3fn, quantize=lambda w: w.to(torch.float8_e4m3fn))
     else:
-        import gguf
-
         from _gguf import import_comfyui_gguf
-        ops = import_comfyui_gguf().ops
+        ops = import_comfyui_gguf().ops  # skips without ComfyUI-GGUF or the gguf package
+        import gguf
         q8 = gguf.GGMLQuantizationType.Q8_0
         model = _tiny_with_ops(flux_tiny, operations=ops.GGMLOps, quantize=lambda w: ops.GGMLTensor(
             torch.from_numpy(gguf.quants.quantize(w.numpy(), q8)), tensor_type=q8, tensor_shape=w.shape))

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from _gguf import import_comfyui_gguf
-from flux_tiny import conditioning, make_tiny_flux, sample_one_step, tiny_unet_config, write_clear_file
+from flux_tiny import conditioning, detect_as_tiny, make_tiny_flux, sample_one_step, write_clear_file
 
 pytestmark = pytest.mark.comfyui
 
@@ -125,17 +125,7 @@ def write_gguf(G, path, qtype_name, seed=0):
 def tiny_detection(G, monkeypatch):
     """ComfyUI 0.3.64's FLUX detection fixes the width at 3072; let it return the
     tiny config (everything else in the load is ComfyUI's and ComfyUI-GGUF's own)."""
-    import comfy.model_detection
-    import comfy.supported_models
-
-    real = comfy.model_detection.model_config_from_unet
-
-    def detect(state_dict, prefix, *args, **kwargs):
-        config = real(state_dict, prefix, *args, **kwargs)
-        assert config is not None and config.unet_config["image_model"] == "flux", "not detected as FLUX"
-        return comfy.supported_models.Flux(tiny_unet_config())
-
-    monkeypatch.setattr(comfy.model_detection, "model_config_from_unet", detect)
+    detect_as_tiny(monkeypatch)
 
 
 def load_gguf(G, folders, qtype_name, seed=0, **advanced):
@@ -385,7 +375,7 @@ def write_full_width_q8_0(path, seed=0):
     1-D tensors unquantized). Random 64-row bands, repeated (drawing or quantizing
     0.5 G random values would take most of a minute); Q8_0 blocks: int8 quants
     with a fixed scale."""
-    import gguf
+    gguf = pytest.importorskip("gguf")
 
     from flux_tiny import flux_full_width_shapes
 

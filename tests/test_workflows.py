@@ -16,6 +16,7 @@ from conftest import REPO_ROOT
 WORKFLOW_DIR = os.path.join(REPO_ROOT, "workflows")
 NAMES = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json"))
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+COMFY_CLI = "comfy-cli converts UI workflows to prompts (pip install comfy-cli)"
 
 
 def _load(name):
@@ -137,7 +138,7 @@ def test_every_model_file_has_a_download_entry(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_template_has_a_jpeg_thumbnail(name):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image", reason="pip install pillow (it comes with matplotlib, a test extra)")
 
     path = os.path.join(WORKFLOW_DIR, name[:-5] + ".jpg")  # what the Templates dialog requests
     with Image.open(path) as image:
@@ -180,7 +181,7 @@ MODEL_FILES = {
 def comfy(comfyui, tmp_path_factory):
     """ComfyUI's node registry with the core extras and this package loaded as
     ComfyUI loads a custom node; model folders in a temp dir."""
-    pytest.importorskip("comfy_cli", reason="comfy-cli converts UI workflows to prompts (pip install comfy-cli)")
+    pytest.importorskip("comfy_cli", reason=COMFY_CLI)
     import folder_paths
     import nodes
 
@@ -212,7 +213,7 @@ def _object_info(nodes):
 
 def to_api(nodes, workflow):
     """The frontend's UI -> API conversion (comfy-cli's implementation)."""
-    from comfy_cli.workflow_to_api import convert_ui_to_api
+    convert_ui_to_api = pytest.importorskip("comfy_cli.workflow_to_api", reason=COMFY_CLI).convert_ui_to_api
 
     unknown = {n["type"] for n in workflow["nodes"]} - set(nodes.NODE_CLASS_MAPPINGS) - UI_ONLY
     if unknown:
@@ -353,20 +354,10 @@ def _shrink(prompt, base_size, target):
 def _execute(nodes, prompt):
     import folder_paths
 
-    from comfyui_clear.nodes.compat import prompt_executor
+    from _comfy_server import execute, prompt_executor
 
-    class Server:
-        client_id = None
-        last_node_id = None
-        sockets_metadata = {}
-
-        def send_sync(self, *args, **kwargs):
-            pass
-
-    executor = prompt_executor(Server())
-    outputs = [k for k, v in prompt.items() if getattr(nodes.NODE_CLASS_MAPPINGS[v["class_type"]], "OUTPUT_NODE", False)]
-    executor.execute(prompt, "test-prompt", {}, outputs)
-    assert executor.success, executor.status_messages[-1:]
+    executor = prompt_executor()
+    execute(executor, prompt)
     return executor.history_result["outputs"], folder_paths.get_output_directory()
 
 
@@ -379,7 +370,7 @@ def _execute(nodes, prompt):
     ("CLEAR FLUX 8K hires + 2 GPUs.json", 64, 96),  # CPU-only ComfyUI: the two bands run as threads
 ])
 def test_workflow_executes_at_test_size(runnable, name, base_size, target):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image", reason="pip install pillow (ComfyUI's requirements)")
 
     from comfyui_clear.nodes import band_split
 
