@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from . import DeviceCache
+
 # FlexAttention's sparse block (query and key), the default of create_block_mask.
 BLOCK = 128
 # Eager Flex (off CUDA) materialises B*H*L*(L+P) float32 scores: refuse beyond this.
@@ -38,7 +40,7 @@ EAGER_MAX_SCORE_BYTES = 256 << 20
 COMPILE_BACKEND = "inductor"
 COMPILE_DEVICES = ("cuda",)
 
-_MASKS = {}
+_MASKS = DeviceCache(8)  # never frees a BlockMask a CUDA graph recorded; an 8K mask holds ~70 MB
 _COMPILED = {}
 
 
@@ -165,28 +167,27 @@ def clear_block_mask(text_len, grid, window, device):
     """The BlockMask of CLEAR's local pattern over keys ``[text | image]``,
     built from ``block_layout`` (no mask_mod evaluation, no L x L tensor),
     cached per (shape, device): FLUX reuses one shape in all 57 layers."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     device = torch.device(device)
     grid = (int(grid[0]), int(grid[1]))
     key = (int(text_len), grid, int(window), str(device))
-    mask = _MASKS.get(key)
-    if mask is None:
-        if len(_MASKS) >= 8:
-            _MASKS.clear()
-        L = text_len + grid[0] * grid[1]
-        partial, full = block_layout(text_len, grid, window)
-        (num, idx), (fnum, fidx) = _indices(partial), _indices(full)
-        r = _effective_radius(grid, window)
-        T_t, w_t, r2_t = (torch.tensor(x, dtype=torch.int32, device=device) for x in (text_len, grid[1], r * r))
-        try:
-            mask = BlockMask.from_kv_blocks(num.to(device), idx.to(device), fnum.to(device), fidx.to(device),
-                                            BLOCK_SIZE=BLOCK, mask_mod=_sized_mask_mod(T_t, w_t, r2_t),
-                                            seq_lengths=(L, L))
-        except TypeError as exc:  # torch 2.5's from_kv_blocks takes no seq_lengths
-            raise FlexUnavailable(f"this torch's BlockMask.from_kv_blocks is too old ({exc}); torch >= 2.6 "
-                                  "runs the Flex backend") from exc
-        _MASKS[key] = mask
+    return _MASKS.get(key, device, lambda: _build_block_mask(text_len, grid, window, device))
+
+
+def _build_block_mask(text_len, grid, window, device):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    L = text_len + grid[0] * grid[1]
+    partial, full = block_layout(text_len, grid, window)
+    (num, idx), (fnum, fidx) = _indices(partial), _indices(full)
+    r = _effective_radius(grid, window)
+    T_t, w_t, r2_t = (torch.tensor(x, dtype=torch.int32, device=device) for x in (text_len, grid[1], r * r))
+    try:
+        mask = BlockMask.from_kv_blocks(num.to(device), idx.to(device), fnum.to(device), fidx.to(device),
+                                        BLOCK_SIZE=BLOCK, mask_mod=_sized_mask_mod(T_t, w_t, r2_t),
+                                        seq_lengths=(L, L))
+    except TypeError as exc:  # torch 2.5's from_kv_blocks takes no seq_lengths
+        raise FlexUnavailable(f"this torch's BlockMask.from_kv_blocks is too old ({exc}); torch >= 2.6 "
+                              "runs the Flex backend") from exc
     return mask
 
 

@@ -115,7 +115,7 @@ def _count_compiles(monkeypatch, counter):
     monkeypatch.setattr(flex, "COMPILE_BACKEND", counter)
     monkeypatch.setattr(flex, "COMPILE_DEVICES", ("cpu",))
     monkeypatch.setattr(flex, "_COMPILED", {})
-    monkeypatch.setattr(flex, "_MASKS", {})
+    monkeypatch.setattr(flex, "_MASKS", flex.DeviceCache(8))
     monkeypatch.setattr(fa, "create_block_mask", _NoEagerMask)
     monkeypatch.setattr(fa, "create_mask", _NoEagerMask)
 
