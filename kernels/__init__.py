@@ -13,12 +13,14 @@ Triton is imported only when the Triton backend is used, so this module
 imports on machines without Triton or CUDA.
 """
 
+import collections
 import contextlib
 import functools
 import logging
 import math
 import os
 import sys
+import threading
 from typing import Optional
 
 import torch
@@ -159,6 +161,52 @@ def device_guard(device):
     return contextlib.nullcontext()
 
 
+def _graph_recording(device):
+    """Whether a CUDA graph is being recorded on ``device``'s current stream."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+class DeviceCache:
+    """Tensors built once per shape on a device (tile schedules, BlockMasks).
+
+    A CUDA graph (torch.compile ``mode="reduce-overhead"``, the cudagraphs
+    backend) records these tensors' addresses and reads them on every replay,
+    long after the call that looked them up; freeing one would let a replay
+    read reused memory. A graph records only what a lookup hands out while it
+    is recording (every call looks its tensors up again), so such entries are
+    pinned for the process: there is no telling when a graph dies. The rest
+    are evicted least recently used beyond ``limit``. Pinned entries are
+    bounded by the shapes recorded into graphs, each of which holds a whole
+    FLUX step's activations in its own memory pool, far more than its
+    schedule or mask. Thread-safe (the multi-GPU split's workers share it)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._entries = collections.OrderedDict()
+        self._pinned = set()
+        self._lock = threading.RLock()
+
+    def get(self, key, device, build):
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                value = self._entries[key] = build()
+                unpinned = [k for k in self._entries if k not in self._pinned]
+                for old in unpinned[:max(0, len(unpinned) - self.limit)]:
+                    del self._entries[old]
+            self._entries.move_to_end(key)
+            if key not in self._pinned and _graph_recording(device):
+                self._pinned.add(key)
+            return value
+
+    def __len__(self):
+        return len(self._entries)
+
+
 def _fast_device(q):
     """Whether "auto" tries the compiled backends (tests widen it to the CPU
     under TRITON_INTERPRET=1)."""
@@ -177,6 +225,11 @@ _NAMES = {"triton": "the Triton kernel", "flex": "FlexAttention", "torch": "the 
 _TRUST = {}
 _CHOICES = {}  # (device, dtype, head_dim, variant) -> (description, backend, reason)
 _WARNED = set()
+# One first-use check (and so one Triton/Flex compile) at a time in the
+# process: the multi-GPU split's workers reach their first call together, and
+# concurrent Triton compiles are not safe (triton-lang/triton#5933). A thread
+# that waited reuses the verdict the other reached.
+_FIRST_USE = threading.RLock()
 
 
 def _run_backend(name, q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale, vet=None):
@@ -214,11 +267,13 @@ def _vet_triton(device, dtype, head_dim, window, down_factor, keys, variants):
         key = ("triton", str(device), variant)
         keys.append(key)
         if key not in _TRUST:
-            with recorded_variants() as seen:
-                why = _self_check("triton", device, dtype, head_dim, window, down_factor)
-            if why is None and variant not in seen:
-                why = f"the self-check did not run this kernel variant ({describe_variant(variant)})"
-            _TRUST[key] = None if why is None else f"first-use check: {why}"
+            with _FIRST_USE:
+                if key not in _TRUST:
+                    with recorded_variants() as seen:
+                        why = _self_check("triton", device, dtype, head_dim, window, down_factor)
+                    if why is None and variant not in seen:
+                        why = f"the self-check did not run this kernel variant ({describe_variant(variant)})"
+                    _TRUST[key] = None if why is None else f"first-use check: {why}"
         if _TRUST[key] is not None:
             raise _Untrusted(_TRUST[key])
 
@@ -284,8 +339,10 @@ def _run_auto(q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, 
                 key = ("flex", str(q.device), q.dtype, D, down_factor > 1)
                 keys.append(key)
                 if key not in _TRUST:
-                    why = _self_check("flex", q.device, q.dtype, D, window, down_factor)
-                    _TRUST[key] = None if why is None else f"first-use check: {why}"
+                    with _FIRST_USE:
+                        if key not in _TRUST:
+                            why = _self_check("flex", q.device, q.dtype, D, window, down_factor)
+                            _TRUST[key] = None if why is None else f"first-use check: {why}"
                 if _TRUST[key] is not None:
                     raise _Untrusted(_TRUST[key])
                 out = _run_backend("flex", *args)

@@ -21,11 +21,15 @@ Triton's CPU interpreter and been compiled ahead of time for sm_80..sm_120
 (tests/test_kernel_compile.py); it has not yet run on a GPU.
 """
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import DeviceCache
 from .tiling import kernel_config, tile_schedule
 
 LOG2E = 1.4426950408889634
@@ -171,19 +175,20 @@ def _text_rows(q, k, v, text_len, scale):
     return F.scaled_dot_product_attention(qt, k, v, scale=scale)
 
 
-_SCHEDULES = {}
+# A long session of many sizes keeps 64; a schedule a CUDA graph recorded is never freed.
+_SCHEDULES = DeviceCache(64)
 
 
 def _device_schedule(grid, window, cfg, device):
     """The tile schedule as int32 tensors on ``device``, built once per shape
     (torch allocations: 16-byte aligned, like every pointer the kernel gets)."""
-    key = (grid, window, cfg["TILE_Y"], cfg["TILE_X"], cfg["KEY_Y"], cfg["KEY_X"], str(device))
-    if key not in _SCHEDULES:
-        if len(_SCHEDULES) >= 64:  # a long session of many sizes: keep the cache small
-            _SCHEDULES.clear()
+    key = (tuple(grid), window, cfg["TILE_Y"], cfg["TILE_X"], cfg["KEY_Y"], cfg["KEY_X"], str(device))
+
+    def build():
         offsets, ranges = tile_schedule(grid, window, cfg)
-        _SCHEDULES[key] = tuple(torch.from_numpy(a).to(device=device, copy=True) for a in (offsets, ranges))
-    return _SCHEDULES[key]
+        return tuple(torch.from_numpy(a).to(device=device, copy=True) for a in (offsets, ranges))
+
+    return _SCHEDULES.get(key, device, build)
 
 
 def device_arch(device):
@@ -353,20 +358,31 @@ def describe_variant(variant):
             f"{o['num_stages']} stages, {strides}, arch {arch}")
 
 
-_RECORDERS = []
+_RECORDING = threading.local()  # per thread: the split's workers launch at the same time
+
+
+def _recorders():
+    if not hasattr(_RECORDING, "sets"):
+        _RECORDING.sets = []
+    return _RECORDING.sets
 
 
 class recorded_variants:
-    """Context manager: the set of ``launch_variant`` s launched inside it (the
-    dispatcher trusts a variant only if its self-check launched it)."""
+    """Context manager: the set of ``launch_variant`` s launched inside it by
+    this thread (the dispatcher trusts a variant only if its self-check
+    launched it; another thread's launches must not count)."""
 
     def __enter__(self):
         self.seen = set()
-        _RECORDERS.append(self.seen)
+        _recorders().append(self.seen)
         return self.seen
 
     def __exit__(self, *exc):
-        _RECORDERS.remove(self.seen)
+        sets = _recorders()  # by identity: list.remove would drop the first *equal* set of a nested record
+        del sets[next(i for i, seen in enumerate(sets) if seen is self.seen)]
+
+
+_LAUNCHED = set()  # (device, variant) launched once: Triton holds its binary
 
 
 def clear_attention_triton(q, k, v, *, text_len, grid, window, pooled_k=None, pooled_v=None, scale, cfg=None,
@@ -377,7 +393,7 @@ def clear_attention_triton(q, k, v, *, text_len, grid, window, pooled_k=None, po
     raise to stop the call (the dispatcher's trust check). Returns a
     (B, H, L, D) view of (B, L, H, D) memory. Runs under the tensors' CUDA
     device (Triton launches on the current device)."""
-    from . import device_guard
+    from . import _FIRST_USE, device_guard
 
     B, H, L, D = q.shape
     T = text_len
@@ -399,13 +415,19 @@ def clear_attention_triton(q, k, v, *, text_len, grid, window, pooled_k=None, po
                     for _, _, args, kwargs in launches_into(_empty_output(B, L, H, D, q.dtype, "meta"))}
         if vet is not None:
             vet(variants)
-        for seen in _RECORDERS:
+        for seen in _recorders():
             seen.update(variants)
         out = _empty_output(B, L, H, D, q.dtype, q.device)
         launches = launches_into(out)
         assert {launch_variant(args, kwargs, arch) for _, _, args, kwargs in launches} == variants
         if T > 0:
             out[:, :, :T] = _text_rows(q, k, v, T, scale).to(q.dtype)
-        for kernel, launch_grid, args, kwargs in launches:
-            kernel[launch_grid](*args, **kwargs)
+        compiled = {(str(q.device), variant) for variant in variants}
+        # A variant's first launch on a device compiles it: one thread at a time (triton-lang/triton#5933).
+        # Triton's CPU interpreter patches triton.language while a kernel runs: one launch at a time there.
+        serial = q.device.type == "cpu" or not compiled <= _LAUNCHED
+        with _FIRST_USE if serial else contextlib.nullcontext():
+            for kernel, launch_grid, args, kwargs in launches:
+                kernel[launch_grid](*args, **kwargs)
+            _LAUNCHED.update(compiled)
     return out

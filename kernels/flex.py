@@ -10,7 +10,9 @@
 - One compiled function serves every image size: ``torch.compile(...,
   dynamic=True)``, and the mask's sizes (text length, grid width, r^2) are
   captured tensors, not Python constants, so a new size is not a new Dynamo
-  entry. A recompile limit hit raises instead of silently running eagerly.
+  entry. The attention scale (proportional attention changes it with the
+  image size) is a 0-d tensor too, applied by a ``score_mod`` (``_scaled``).
+  A recompile limit hit raises instead of silently running eagerly.
 - Pooled keys are not concatenated to K/V: a second, unmasked Flex call over
   the pooled keys returns its log-sum-exp, and the two partial softmaxes are
   merged exactly (image rows only; text rows never see pooled keys).
@@ -27,6 +29,8 @@ import math
 
 import torch
 
+from . import DeviceCache
+
 # FlexAttention's sparse block (query and key), the default of create_block_mask.
 BLOCK = 128
 # Eager Flex (off CUDA) materialises B*H*L*(L+P) float32 scores: refuse beyond this.
@@ -36,7 +40,7 @@ EAGER_MAX_SCORE_BYTES = 256 << 20
 COMPILE_BACKEND = "inductor"
 COMPILE_DEVICES = ("cuda",)
 
-_MASKS = {}
+_MASKS = DeviceCache(8)  # never frees a BlockMask a CUDA graph recorded; an 8K mask holds ~70 MB
 _COMPILED = {}
 
 
@@ -163,38 +167,53 @@ def clear_block_mask(text_len, grid, window, device):
     """The BlockMask of CLEAR's local pattern over keys ``[text | image]``,
     built from ``block_layout`` (no mask_mod evaluation, no L x L tensor),
     cached per (shape, device): FLUX reuses one shape in all 57 layers."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     device = torch.device(device)
     grid = (int(grid[0]), int(grid[1]))
     key = (int(text_len), grid, int(window), str(device))
-    mask = _MASKS.get(key)
-    if mask is None:
-        if len(_MASKS) >= 8:
-            _MASKS.clear()
-        L = text_len + grid[0] * grid[1]
-        partial, full = block_layout(text_len, grid, window)
-        (num, idx), (fnum, fidx) = _indices(partial), _indices(full)
-        r = _effective_radius(grid, window)
-        T_t, w_t, r2_t = (torch.tensor(x, dtype=torch.int32, device=device) for x in (text_len, grid[1], r * r))
-        try:
-            mask = BlockMask.from_kv_blocks(num.to(device), idx.to(device), fnum.to(device), fidx.to(device),
-                                            BLOCK_SIZE=BLOCK, mask_mod=_sized_mask_mod(T_t, w_t, r2_t),
-                                            seq_lengths=(L, L))
-        except TypeError as exc:  # torch 2.5's from_kv_blocks takes no seq_lengths
-            raise FlexUnavailable(f"this torch's BlockMask.from_kv_blocks is too old ({exc}); torch >= 2.6 "
-                                  "runs the Flex backend") from exc
-        _MASKS[key] = mask
+    return _MASKS.get(key, device, lambda: _build_block_mask(text_len, grid, window, device))
+
+
+def _build_block_mask(text_len, grid, window, device):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    L = text_len + grid[0] * grid[1]
+    partial, full = block_layout(text_len, grid, window)
+    (num, idx), (fnum, fidx) = _indices(partial), _indices(full)
+    r = _effective_radius(grid, window)
+    T_t, w_t, r2_t = (torch.tensor(x, dtype=torch.int32, device=device) for x in (text_len, grid[1], r * r))
+    try:
+        mask = BlockMask.from_kv_blocks(num.to(device), idx.to(device), fnum.to(device), fidx.to(device),
+                                        BLOCK_SIZE=BLOCK, mask_mod=_sized_mask_mod(T_t, w_t, r2_t),
+                                        seq_lengths=(L, L))
+    except TypeError as exc:  # torch 2.5's from_kv_blocks takes no seq_lengths
+        raise FlexUnavailable(f"this torch's BlockMask.from_kv_blocks is too old ({exc}); torch >= 2.6 "
+                              "runs the Flex backend") from exc
     return mask
 
 
+def _scaled(scale):
+    """score_mod multiplying the (float32) scores by the 0-d tensor ``scale``:
+    Flex's ``scale`` argument is a Python float that Inductor bakes into the
+    kernel (a new graph per value; proportional attention makes one per image
+    size, and the recompile limit then distrusts Flex). As a tensor it is a
+    graph input. Exact: ``(q.k * 1.0) * scale`` is the one float32 rounding
+    ``scale=`` makes (bitwise equal in eager Flex); folding the scale into q
+    would round q to its dtype again (bf16: +20% error vs the float64 oracle)."""
+
+    def score_mod(score, b, hh, q_idx, kv_idx):
+        return score * scale
+
+    return score_mod
+
+
 def _flex_local(q, k, v, block_mask, scale):
-    """Masked Flex over [text | image] keys; output laid out (B, L, H, D)."""
+    """Masked Flex over [text | image] keys; output laid out (B, L, H, D).
+    ``scale``: 0-d float32 tensor (``_scaled``)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     B, H, L, D = q.shape
     out = q.new_empty(B, L, H, D).transpose(1, 2)
-    out.copy_(flex_attention(q, k, v, block_mask=block_mask, scale=scale))
+    out.copy_(flex_attention(q, k, v, score_mod=_scaled(scale), block_mask=block_mask, scale=1.0))
     return out
 
 
@@ -216,11 +235,12 @@ def _flex_pooled(q, k, v, block_mask, pooled_k, pooled_v, text_len, scale):
 
 
 def _flex_lse(flex_attention, q, k, v, block_mask, scale):
+    kwargs = dict(score_mod=_scaled(scale), block_mask=block_mask, scale=1.0)
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
-    o, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return flex_attention(q, k, v, return_lse=True, **kwargs)
+    o, aux = flex_attention(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
     return o, aux.lse
 
 
@@ -300,6 +320,8 @@ def clear_attention_flex(q, k, v, *, text_len, grid, window, pooled_k=None, pool
             raise FlexUnavailable(f"FlexAttention runs eagerly on {q.device.type} and would build "
                                   f"{scores / 2**30:.1f} GiB of scores; use the torch path")
     block_mask = clear_block_mask(T, grid, window, q.device)
+    # A fill kernel, not a host-to-device copy: no sync, and legal while a CUDA graph records.
+    scale = torch.full((), scale, dtype=torch.float32, device=q.device)
     fn, args = (_flex_local, (q, k, v, block_mask, scale)) if pooled_k is None else (
         _flex_pooled, (q, k, v, block_mask, pooled_k, pooled_v, T, scale))
     if compiled and not torch.compiler.is_compiling():  # inside a user's compile, its compiler takes Flex

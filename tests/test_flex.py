@@ -105,22 +105,29 @@ class _NoEagerMask:
         raise AssertionError("the CLEAR BlockMask must not be built by evaluating a mask over L x L")
 
 
-@pytest.fixture
-def counted_compile(monkeypatch):
-    """Flex compiled on the CPU through a frame counter around the "eager"
-    backend; evaluating a mask_mod over the sequence fails the test."""
+def _count_compiles(monkeypatch, counter):
+    """Flex compiled on the CPU through ``counter``; evaluating a mask_mod over
+    the sequence fails the test."""
     import torch._dynamo
-    from torch._dynamo.testing import CompileCounter
     from torch.nn.attention import flex_attention as fa
 
     torch._dynamo.reset()  # Dynamo's cache is per code object: start from no entries
-    counter = CompileCounter()
     monkeypatch.setattr(flex, "COMPILE_BACKEND", counter)
     monkeypatch.setattr(flex, "COMPILE_DEVICES", ("cpu",))
     monkeypatch.setattr(flex, "_COMPILED", {})
-    monkeypatch.setattr(flex, "_MASKS", {})
+    monkeypatch.setattr(flex, "_MASKS", flex.DeviceCache(8))
     monkeypatch.setattr(fa, "create_block_mask", _NoEagerMask)
     monkeypatch.setattr(fa, "create_mask", _NoEagerMask)
+
+
+@pytest.fixture
+def counted_compile(monkeypatch):
+    """Flex compiled on the CPU through a frame counter around the "eager" backend."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    _count_compiles(monkeypatch, counter)
     yield counter
     torch._dynamo.reset()
 
@@ -147,6 +154,90 @@ def test_twelve_image_sizes_compile_once_per_variant(counted_compile):
         assert out.transpose(1, 2).is_contiguous()
     # one Dynamo entry for the local-only function, one for the pooled one: no recompile per size
     assert counted_compile.frame_count == 2, counted_compile.frame_count
+
+
+def _has_cpp_compiler():
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+class _SpecialisingCounter:
+    """A frame counter around the "eager" backend that, as Inductor's Flex
+    lowering does, turns every symbolic float a flex_attention call takes
+    (its ``scale``) into a constant: a guard on its value, one graph per value."""
+
+    def __init__(self):
+        from torch._dynamo.testing import CompileCounter
+
+        self.counter = CompileCounter()
+        self.specialised = 0
+
+    @property
+    def frame_count(self):
+        return self.counter.frame_count
+
+    def __call__(self, gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "flex_attention" in str(node.target):
+                for arg in node.args:
+                    value = arg.meta.get("example_value") if isinstance(arg, torch.fx.Node) else None
+                    if isinstance(value, torch.SymFloat):
+                        float(value)  # specialise: Dynamo guards on the value
+                        self.specialised += 1
+        return self.counter(gm, example_inputs)
+
+
+def _three_scales_per_variant(counter, runs):
+    for i, (T, h, w, r, d, scale) in enumerate(runs):
+        q, k, v = _qkv(1, 2, T + h * w, 16, seed=i)
+        pk = pv = None
+        if d > 1:
+            pk, pv = (pool_image_tokens(x[:, :, T:], (h, w), d) for x in (k, v))
+        out = flex.clear_attention_flex(q, k, v, text_len=T, grid=(h, w), window=r, pooled_k=pk, pooled_v=pv,
+                                        scale=scale)
+        ref = clear_attention_torch(q, k, v, text_len=T, grid=(h, w), window=r, pooled_k=pk, pooled_v=pv,
+                                    scale=scale)
+        assert rel_err(out, ref) < 1e-5, (T, h, w, d, scale)
+
+
+# (T, h, w, r, d, scale): three scales (proportional attention: one per image size) per variant
+SCALES = [(5, 10, 15, 3, 1, 0.25), (5, 10, 15, 3, 1, 0.3), (6, 11, 13, 3, 1, 0.35),
+          (5, 10, 15, 3, 2, 0.25), (5, 10, 15, 3, 2, 0.3), (6, 11, 13, 3, 2, 0.35)]
+
+
+def test_flex_compiles_once_whatever_the_scale(monkeypatch):
+    """Inductor bakes Flex's Python-float ``scale`` into its kernel (the plain
+    "eager" backend does not): three scales were three graphs, and the 9th
+    distinct scale hit the recompile limit, distrusting Flex for the process.
+    The scale reaches Flex as a tensor: one graph per variant."""
+    import torch._dynamo
+
+    counter = _SpecialisingCounter()
+    _count_compiles(monkeypatch, counter)
+    try:
+        _three_scales_per_variant(counter, SCALES)
+        assert counter.frame_count == 2, counter.frame_count  # local-only and pooled
+        assert counter.specialised == 0
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_cpp_compiler(), reason="Inductor on the CPU needs a C++ compiler")
+def test_inductor_compiles_once_whatever_the_scale(monkeypatch):
+    """The same with Inductor itself on the CPU (the local-only variant: CPU
+    Inductor has no Flex log-sum-exp, which the pooled variant needs)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    _count_compiles(monkeypatch, counter)
+    try:
+        _three_scales_per_variant(counter, [run for run in SCALES if run[4] == 1])
+        assert counter.frame_count == 1, counter.frame_count
+    finally:
+        torch._dynamo.reset()
 
 
 def test_recompile_limit_raises_instead_of_running_eagerly(counted_compile):

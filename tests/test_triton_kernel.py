@@ -124,7 +124,7 @@ def test_schedule_without_column_clipping(monkeypatch):
     from comfyui_clear.kernels import tiling
 
     monkeypatch.setattr(tiling, "SCHEDULE_BUDGET", 0)
-    monkeypatch.setattr(clear_triton, "_SCHEDULES", {})
+    monkeypatch.setattr(clear_triton, "_SCHEDULES", clear_triton.DeviceCache(64))
     tiling._schedule.cache_clear()
     try:
         offsets, _ = tiling.tile_schedule((7, 9), 3, SMALL_TILES)
