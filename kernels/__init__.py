@@ -9,6 +9,7 @@ custom op ``torch.ops.comfyui_clear.clear_attention``, one opaque op with a
 fake (shape-only) implementation, so the backend choice, the self-check, the
 tile schedule and the launches run in the op's eager implementation, never
 in traced code (eager calls run that implementation directly).
+Gradients: kernels/autograd.py (the op also carries an autograd formula).
 Triton is imported only when the Triton backend is used, so this module
 imports on machines without Triton or CUDA.
 """
@@ -505,6 +506,9 @@ def clear_attention(q, k, v, *, text_len, grid, window, down_factor=1, spatial_w
     torch.compile, from every backend) a (B, H, L, D) view of (B, L, H, D)
     memory, so ``out.transpose(1, 2)`` is contiguous.
     Safe under torch.compile (one opaque custom op).
+    Differentiable (to q, k, v, pooled_k/pooled_v and spatial_weight) on the
+    torch path and on Flex on CUDA; backend="triton" refuses when gradients
+    are needed, "auto" then picks Flex or torch (docs/attention.md, "Gradients").
     """
     _check_inputs(q, k, v, text_len, grid, window, down_factor, spatial_weight, scale, backend, pooled_k, pooled_v)
     if scale is None:
