@@ -21,7 +21,8 @@
 
 import torch
 
-from .reference import TILE, _compute_dtype, clear_attention_torch, pooled_grid, working_set_budget
+from . import reference
+from .reference import _compute_dtype, clear_attention_torch, pooled_grid, working_set_budget
 
 # The custom op's backend value for "auto" when the caller needs gradients:
 # the same choice without the Triton kernel (it has no backward).
@@ -207,7 +208,7 @@ def clear_attention_backward(grad_out, q, k, v, pooled_k, pooled_v, *, text_len,
     # one of a row/column shifted back inside the grid). A shifted tile
     # repeats queries of its neighbour: those rows get a zero output gradient
     # here, so each query contributes once.
-    ty, tx = min(TILE, h), min(TILE, w)
+    ty, tx = min(reference.TILE, h), min(reference.TILE, w)  # the forward's tiles (tests shrink them)
     wy, wx = min(ty + 2 * (r - 1), h), min(tx + 2 * (r - 1), w)
     tq, kw = ty * tx, wy * wx
     tiles = [(min(y, h - ty), min(x, w - tx), y, x) for y in range(0, h, ty) for x in range(0, w, tx)]
