@@ -9,6 +9,7 @@ custom op ``torch.ops.comfyui_clear.clear_attention``, one opaque op with a
 fake (shape-only) implementation, so the backend choice, the self-check, the
 tile schedule and the launches run in the op's eager implementation, never
 in traced code (eager calls run that implementation directly).
+Gradients: kernels/autograd.py (the op also carries an autograd formula).
 Triton is imported only when the Triton backend is used, so this module
 imports on machines without Triton or CUDA.
 """
@@ -26,7 +27,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .reference import clear_attention_torch, pool_image_tokens, pooled_grid
+from .autograd import (AUTO_DIFFERENTIABLE, TRITON_REFUSAL, clear_attention_backward,
+                       clear_attention_torch_autograd, flex_refusal, grad_needed, pool_image_tokens_backward,
+                       pool_image_tokens_differentiable)
+from .reference import pool_image_tokens, pooled_grid
 from .selfcheck import _reason, check_backend
 
 __all__ = ["clear_attention", "pool_image_tokens", "pooled_grid", "triton_supported", "flex_supported",
@@ -241,8 +245,8 @@ def _run_backend(name, q, k, v, text_len, grid, window, down_factor, pooled_k, p
         from .flex import clear_attention_flex
         return clear_attention_flex(q, k, v, text_len=text_len, grid=grid, window=window, pooled_k=pooled_k,
                                     pooled_v=pooled_v, scale=scale)
-    return clear_attention_torch(q, k, v, text_len=text_len, grid=grid, window=window, pooled_k=pooled_k,
-                                 pooled_v=pooled_v, scale=scale)
+    return clear_attention_torch_autograd(q, k, v, text_len=text_len, grid=grid, window=window, pooled_k=pooled_k,
+                                          pooled_v=pooled_v, scale=scale)
 
 
 def _self_check(name, device, dtype, head_dim, window, down_factor):
@@ -312,12 +316,15 @@ def _versions():
     return f"Triton {triton_version}, torch {torch.__version__}"
 
 
-def _run_auto(q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale):
+def _run_auto(q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale, differentiable=False):
     """Triton if every kernel variant of this call passed its first-use check
     here, else Flex if that did, else torch. A backend that fails while
     running is distrusted and the next one runs: nothing but out-of-memory
-    reaches the sampler. One warning per failure set."""
+    reaches the sampler. One warning per failure set. ``differentiable``:
+    gradients are needed, so Triton (no backward) is not tried."""
     variant = "local + pooled keys" if down_factor > 1 else "local keys"
+    if differentiable:
+        variant += ", with gradients"
     args = (q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale)
     if not _fast_device(q):
         _note_choice(q, variant, "torch", f"{q.device.type} device: the compiled backends run on CUDA")
@@ -325,7 +332,7 @@ def _run_auto(q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, 
     D = q.shape[-1]
     failures, unsupported = [], []
     out, chosen = None, "torch"
-    for name in ("triton", "flex"):
+    for name in ("flex",) if differentiable else ("triton", "flex"):
         why = (triton_supported if name == "triton" else flex_supported)(q)
         if why is not None:
             unsupported.append((name, why))
@@ -412,11 +419,16 @@ def _clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor
     """The op's implementation: backend choice, self-check, pooling and the
     run. Never traced by torch.compile."""
     grid = (grid_h, grid_w)
-    if backend == "auto":
+    # Gradients: this call is recorded by autograd (eager), or it is the
+    # custom op's forward under autograd (AUTO_DIFFERENTIABLE, set by clear_attention).
+    train = backend == AUTO_DIFFERENTIABLE or grad_needed(q, k, v, spatial_weight, pooled_k, pooled_v)
+    if backend in ("auto", AUTO_DIFFERENTIABLE):
         forced = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
         if forced not in BACKENDS:
             raise ValueError(f"clear_attention: environment variable {BACKEND_ENV}={forced!r} is not one of {BACKENDS}")
         backend = forced
+    if train:
+        _refuse_without_backward(backend, q)
     if backend == "triton" or backend == "flex":
         reason = (triton_supported if backend == "triton" else flex_supported)(q)
         if reason is not None:
@@ -433,8 +445,16 @@ def _clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor
 
     args = (q, k, v, text_len, grid, window, down_factor, pooled_k, pooled_v, scale)
     if backend == "auto":
-        return _run_auto(*args)
+        return _run_auto(*args, differentiable=train)
     return _run_backend(backend, *args)
+
+
+def _refuse_without_backward(backend, q):
+    """One clear error where gradients are needed from a backend without a backward."""
+    if backend == "triton":
+        raise ValueError(TRITON_REFUSAL)
+    if backend == "flex" and q.device.type != "cuda":
+        raise ValueError(flex_refusal(q.device))
 
 
 def _register_op():
@@ -464,6 +484,57 @@ def _register_op():
         B, H, L, D = q.shape
         return q.new_empty((B, L, H, D)).transpose(1, 2)
 
+    @torch.library.custom_op("comfyui_clear::clear_attention_backward", mutates_args=())
+    def clear_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    text_len: int, grid_h: int, grid_w: int, window: int, scale: float,
+                                    pooled_k: Optional[torch.Tensor] = None, pooled_v: Optional[torch.Tensor] = None
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq, dk, dv, d pooled_k, d pooled_v); the last two empty without pooled keys."""
+        impl = sys.modules[module]
+        with impl.device_guard(q.device):
+            dq, dk, dv, dpk, dpv = impl.clear_attention_backward(grad_out, q, k, v, pooled_k, pooled_v,
+                                                                 text_len=text_len, grid=(grid_h, grid_w),
+                                                                 window=window, scale=scale)
+        if dpk is None:
+            B, H, _, D = q.shape
+            dpk, dpv = q.new_zeros(B, H, 0, D), q.new_zeros(B, H, 0, D)
+        return dq, dk, dv, dpk, dpv
+
+    @clear_attention_backward_op.register_fake
+    def _(grad_out, q, k, v, text_len, grid_h, grid_w, window, scale, pooled_k=None, pooled_v=None):
+        B, H, _, D = q.shape
+        pooled = [p.new_empty(p.shape) if p is not None else q.new_empty(B, H, 0, D) for p in (pooled_k, pooled_v)]
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *pooled)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, text_len, grid_h, grid_w, window, down_factor, spatial_weight, scale, _, pooled_k, pooled_v = inputs
+        ctx.save_for_backward(q, k, v, spatial_weight, pooled_k, pooled_v)
+        ctx.args = (text_len, grid_h, grid_w, window, down_factor, scale)
+
+    def backward(ctx, grad_out):
+        # The torch path's exact backward, whichever backend ran the forward.
+        impl = sys.modules[module]
+        q, k, v, spatial_weight, pooled_k, pooled_v = ctx.saved_tensors
+        T, grid_h, grid_w, window, d, scale = ctx.args
+        grid = (grid_h, grid_w)
+        self_pools = d > 1 and pooled_k is None
+        if self_pools:
+            pooled_k = impl.pool_image_tokens_differentiable(k[:, :, T:], grid, d, spatial_weight)
+            pooled_v = impl.pool_image_tokens_differentiable(v[:, :, T:], grid, d, spatial_weight)
+        dq, dk, dv, dpk, dpv = torch.ops.comfyui_clear.clear_attention_backward(
+            grad_out, q, k, v, T, grid_h, grid_w, window, scale, pooled_k, pooled_v)
+        d_weight = None
+        if self_pools:  # chain through the pooling to k, v and spatial_weight
+            gk, gwk = impl.pool_image_tokens_backward(dpk, k[:, :, T:], grid, d, spatial_weight)
+            gv, gwv = impl.pool_image_tokens_backward(dpv, v[:, :, T:], grid, d, spatial_weight)
+            dk = torch.cat([dk[:, :, :T], dk[:, :, T:] + gk], 2)
+            dv = torch.cat([dv[:, :, :T], dv[:, :, T:] + gv], 2)
+            d_weight = None if spatial_weight is None else gwk + gwv
+        if pooled_k is None or self_pools:
+            dpk = dpv = None
+        return dq, dk, dv, None, None, None, None, None, d_weight, None, None, dpk, dpv
+
+    clear_attention_op.register_autograd(backward, setup_context=setup_context)
     return torch.ops.comfyui_clear.clear_attention.default
 
 
@@ -492,10 +563,23 @@ def clear_attention(q, k, v, *, text_len, grid, window, down_factor=1, spatial_w
     torch.compile, from every backend) a (B, H, L, D) view of (B, L, H, D)
     memory, so ``out.transpose(1, 2)`` is contiguous.
     Safe under torch.compile (one opaque custom op).
+    Differentiable (to q, k, v, pooled_k/pooled_v and spatial_weight) on the
+    torch path and on Flex on CUDA; backend="triton" refuses when gradients
+    are needed, "auto" then picks Flex or torch (docs/attention.md, "Gradients").
     """
     _check_inputs(q, k, v, text_len, grid, window, down_factor, spatial_weight, scale, backend, pooled_k, pooled_v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if grad_needed(q, k, v, spatial_weight, pooled_k, pooled_v):
+        # Training: a backend with a backward (Triton has none), and the
+        # pooling differentiable here, so gradients reach spatial_weight.
+        _refuse_without_backward(backend, q)
+        if down_factor > 1 and pooled_k is None:
+            pooled_k, pooled_v = (pool_image_tokens_differentiable(x[:, :, text_len:], tuple(grid), down_factor,
+                                                                   spatial_weight) for x in (k, v))
+            spatial_weight = None
+        if backend == "auto":
+            backend = AUTO_DIFFERENTIABLE
     # Traced code gets the opaque op; eager calls run its implementation
     # directly (same result, no dispatcher round trip, and dispatch modes,
     # such as the memory tests' LiveBytes, see every tensor it makes).
