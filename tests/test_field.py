@@ -110,7 +110,9 @@ def test_a_later_attention_override_does_not_turn_clear_off(env, caplog, monkeyp
     chaining: CLEAR still runs in its blocks, the other override gets every other
     attention call, and the log says so once."""
     clear_patch, flux_tiny, _, _ = env
-    monkeypatch.setattr(clear_patch, "_warned", set())
+    from comfyui_clear.nodes import runtime
+
+    monkeypatch.setattr(runtime, "_warned", set())
     model = flux_tiny.make_tiny_flux()
     latent = torch.randn(1, 16, 10, 10, generator=torch.Generator().manual_seed(5))
     positive = _conditioning(1, 4, seed=6)
