@@ -469,7 +469,8 @@ def forward_orig_with_image_prompt(self, img, img_ids, txt, txt_ids, timesteps, 
             return {"img": block(args["img"], vec=args["vec"], pe=args["pe"], t=args["timesteps"],
                                  attn_mask=args.get("attn_mask"))}
         args = {"img": x, **extra}
-        x = (dit[("single_block", i)](args, {"original_block": run}) if ("single_block", i) in dit else run(args))["img"]
+        key = ("single_block", i)
+        x = (dit[key](args, {"original_block": run}) if key in dit else run(args))["img"]
     return self.final_layer(x[:, txt.shape[1]:], vec)
 
 
