@@ -268,6 +268,9 @@ _KNOWN_EXTENSIONS = {
                                   "settings travel in, and add the image prompt's own attention, so CLEAR's local "
                                   "attention cannot run inside them, in either order; use IP-Adapter-Flux on the "
                                   "model without the CLEAR Attention Patch"),
+    ("torch._dynamo.eval_frame.optimizedmodule",): (
+        "torch.compile of single blocks (e.g. KJNodes' FLUX compile node)", "compile the whole diffusion model "
+        "after the CLEAR Attention Patch instead (ComfyUI's TorchCompileModel), which keeps CLEAR's patches"),
 }
 
 

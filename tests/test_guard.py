@@ -544,6 +544,32 @@ def test_token_chunking_keeps_an_image_prompt_block(env):
     assert torch.equal(_sample(token_chunking.patch_model(model, 8), latent, positive), want)
 
 
+@pytest.mark.parametrize("order", ["compile_then_clear", "clear_then_compile"])
+def test_compiled_blocks_are_refused_with_advice(env, order):
+    """Per-block torch.compile as KJNodes' FLUX compile node applies it (object
+    patches of every block): refused in either order, before anything compiles."""
+    from comfyui_clear.nodes.clear_patch import CLEARPatchError
+
+    def compile_blocks(model):
+        m = model.clone()
+        flux = m.get_model_object("diffusion_model")
+        for kind in ("double", "single"):
+            for i, block in enumerate(getattr(flux, f"{kind}_blocks")):
+                m.add_object_patch(f"diffusion_model.{kind}_blocks.{i}", torch.compile(block, backend="eager"))
+        return m
+
+    model = env[1].make_tiny_flux()
+    latent, positive = _inputs()
+    with pytest.raises(CLEARPatchError) as info:
+        if order == "compile_then_clear":
+            _clear(compile_blocks(model), "clear")
+        else:
+            _sample(compile_blocks(_clear(model, "clear")), latent, positive)
+    message = str(info.value)
+    assert "(4 in all) are replaced by torch._dynamo.eval_frame.OptimizedModule" in message
+    assert "This is torch.compile of single blocks" in message and "TorchCompileModel" in message
+
+
 def _forward_patch_before_clear(model, forward):
     m = model.clone()
     flux = m.get_model_object("diffusion_model")
