@@ -517,7 +517,7 @@ def _settings(weights, window_size, down_factor, file_down_factor, path=None):
     down = down_factor or (file_down_factor if weights != TRAINING_FREE else trained[1])
     if weights != TRAINING_FREE and (window, down) != (trained[0], file_down_factor):
         warn_once(f"CLEAR: '{weights}' was trained with window_size={trained[0]}, down_factor={file_down_factor}; "
-                   f"running it with window_size={window}, down_factor={down} (quality may drop).")
+                  f"running it with window_size={window}, down_factor={down} (quality may drop).")
     return window, down
 
 
@@ -553,9 +553,9 @@ def _takes_options(forward):
 
 
 def _replaced_blocks(model, diffusion_model):
-    """{what: ["double 0", ...]} for the FLUX blocks that
-    ``model``'s object patches replace as whole modules (or as the block list),
-    as ComfyUI-IPAdapter-Flux and per-block compile nodes do. CLEAR cannot run
+    """{what: ["double 0", ...]} for the FLUX blocks that ``model``'s object
+    patches replace as whole modules (or as the block list), as
+    ComfyUI-IPAdapter-Flux and per-block compile nodes do. CLEAR cannot run
     inside them: its patch of ``<block>.forward`` would land on the replacement
     (before CLEAR) or stay on the original block (after CLEAR), and ComfyUI,
     which restores object patches in the order it applied them, would then

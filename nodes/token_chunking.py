@@ -333,7 +333,7 @@ def _model_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_la
     if unchunked:  # one line per model, not one per block (a FLUX.2 [dev] has 56)
         reasons = "; ".join(f"{' and '.join(sorted(kinds))} blocks: {why}" for why, kinds in unchunked.items())
         warn_once(f"FLUX Token Chunking: blocks of this model run unchunked (ComfyUI's own block, "
-                   f"full activation memory): {reasons}.")
+                  f"full activation memory): {reasons}.")
     return out
 
 
