@@ -26,6 +26,10 @@ user's model is never modified:
   error names the node that stopped it (a block patch that replaced the
   block, a replaced block forward such as Raylight's) or says
   "N of M blocks ran without CLEAR";
+- blocks another node replaced as whole modules (object patches, as
+  ComfyUI-IPAdapter-Flux does) are refused: by the node when they come before
+  it, by an OUTER_SAMPLE wrapper before ComfyUI applies any patch when they
+  come after it (CLEAR's per-block forward patch cannot go inside them);
 - RoPE NTK scaling is an object patch of ``diffusion_model.pe_embedder``, built
   from the model's own theta (never from an earlier CLEAR node's).
 """
