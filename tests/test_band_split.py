@@ -257,8 +257,11 @@ def test_refuses_without_engine(comfyui, monkeypatch, missing):
     import flux_tiny
     from comfyui_clear.nodes import band_split
     if band_split.has_engine():
-        monkeypatch.setitem(sys.modules, "comfy.multigpu", None if missing == "module" else  # import fails
-                            types.ModuleType("comfy.multigpu"))  # a module without what the split uses
+        import comfy
+
+        engine = None if missing == "module" else types.ModuleType("comfy.multigpu")  # None: import fails;
+        monkeypatch.setitem(sys.modules, "comfy.multigpu", engine)  # else a module without what the split uses
+        monkeypatch.setattr(comfy, "multigpu", engine)
     assert not band_split.has_engine()
     with pytest.raises(band_split.BandSplitError, match=r"needs ComfyUI's multi-GPU support \(comfy/multigpu\.py "
                                                         r"with create_multigpu_deepclones, in ComfyUI 0\.23\.0"):
