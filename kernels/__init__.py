@@ -435,7 +435,7 @@ def _clear_attention_impl(q, k, v, text_len, grid_h, grid_w, window, down_factor
             raise ValueError(f"clear_attention: backend={backend!r} cannot run here: {reason}. "
                              "Use backend='auto' or 'torch'.")
     if backend == "auto" and is_dense(grid, window, down_factor):
-        _note_choice(q, "dense (window covers the grid)", "sdpa", "the window covers the whole grid")
+        _note_choice(q, "dense", "sdpa", "the window covers the grid")
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
     if down_factor > 1 and pooled_k is None:

@@ -6,7 +6,7 @@ forward on a band of image-token rows plus all text tokens, and meets the
 others only inside attention (``kernels.band.clear_attention_band``: halo
 rows, pooled keys, the text queries' log-sum-exp merge). See docs/multigpu.md.
 
-Engine: ComfyUI core's multi-GPU support (0.33+). The node asks
+Engine: ComfyUI core's multi-GPU support (comfy/multigpu.py). The node asks
 ``comfy.multigpu.create_multigpu_deepclones`` for a model clone per extra
 GPU (core loads the full weights, with every weight patch such as CLEAR's
 and LoRAs, onto each). At sampling time:
@@ -26,29 +26,22 @@ import functools
 import logging
 import threading
 
-from .clear_patch import _warn_once
+from .runtime import CATEGORY, band_state as _local, ui_error, warn_once as _warn_once
 
 log = logging.getLogger(__name__)
 
 WRAPPER_KEY = "comfyui_clear_band_split"
 MODELS_KEY = "clear_band_models"  # transformer_options: [(device, Flux module)] of this call
 CHUNKING_MODEL_KEY = "clear_chunking_model"  # token chunking reads its Flux module from here
-MIN_COMFYUI = "0.33.0"  # first ComfyUI release with comfy/multigpu.py (model clones per device)
 
 CLEAR_KEY = "comfyui_clear"  # clear_patch.WRAPPER_KEY
 NEEDS_CLEAR = ("CLEAR Multi-GPU Split needs the CLEAR Attention Patch on the model (before or after this node) on "
                "every FLUX block: without CLEAR's local attention a band cannot compute its rows exactly")
-_local = threading.local()
 
 
+@ui_error
 class BandSplitError(ValueError):
     """The split cannot run here; the message says what to change."""
-
-
-def current_band():
-    """The band worker running in this thread (None outside a split forward).
-    CLEAR's attention override hands attention to it."""
-    return getattr(_local, "band", None)
 
 
 class BandWorker:
@@ -73,19 +66,22 @@ class BandWorker:
 
 
 def has_engine():
-    """Whether this ComfyUI has core's multi-GPU engine (comfy/multigpu.py, 0.33+)."""
+    """Whether this ComfyUI has what the split uses of core's multi-GPU engine
+    (comfy.multigpu.create_multigpu_deepclones; ComfyUI has had it since 0.23).
+    Asked of ComfyUI itself, not of its version number."""
     try:
-        import comfy.multigpu  # noqa: F401
+        import comfy.multigpu
     except ImportError:
         return False
-    return True
+    return callable(getattr(comfy.multigpu, "create_multigpu_deepclones", None))
 
 
 def _require_engine():
     if not has_engine():
         raise BandSplitError(
-            f"CLEAR Multi-GPU Split needs ComfyUI {MIN_COMFYUI} or newer (it uses ComfyUI's multi-GPU support, "
-            "comfy/multigpu.py, which this ComfyUI lacks). Update ComfyUI, or remove this node to run on one GPU.")
+            "CLEAR Multi-GPU Split needs ComfyUI's multi-GPU support (comfy/multigpu.py with "
+            "create_multigpu_deepclones, in ComfyUI 0.23.0 and newer), which this ComfyUI lacks. Update ComfyUI, "
+            "or remove this node to run on one GPU.")
 
 
 # ---------------------------------------------------------------------------
@@ -288,13 +284,15 @@ class CLEARMultiGPUSplit:
         }}
 
     RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model, its every step run as bands of image rows across the GPUs (the one-GPU "
+                       "image). Connect it to the sampler.",)
     FUNCTION = "patch"
-    CATEGORY = "advanced/model_patches/CLEAR"
+    CATEGORY = CATEGORY
     DESCRIPTION = ("Runs one image across several GPUs, exactly: each GPU computes a band of image rows and "
                    "exchanges only the CLEAR window's halo rows, pooled keys and the text tokens' attention. "
-                   "Needs ComfyUI 0.33 or newer, the CLEAR Attention Patch before it, the full model on every "
-                   "GPU, and a loader ComfyUI can clone per GPU (core loaders). Wall-clock speed-up not yet "
-                   "measured on GPUs; see docs/multigpu.md.")
+                   "Needs ComfyUI's multi-GPU support (0.23 or newer), the CLEAR Attention Patch before it, the "
+                   "full model on every GPU, and a loader ComfyUI can clone per GPU (core loaders). Wall-clock "
+                   "speed-up not yet measured on GPUs; see docs/multigpu.md.")
 
     def patch(self, model, gpus):
         return (split_model(model, gpus),)

@@ -26,6 +26,10 @@ user's model is never modified:
   error names the node that stopped it (a block patch that replaced the
   block, a replaced block forward such as Raylight's) or says
   "N of M blocks ran without CLEAR";
+- blocks another node replaced as whole modules (object patches, as
+  ComfyUI-IPAdapter-Flux does) are refused: by the node when they come before
+  it, by an OUTER_SAMPLE wrapper before ComfyUI applies any patch when they
+  come after it (CLEAR's per-block forward patch cannot go inside them);
 - RoPE NTK scaling is an object patch of ``diffusion_model.pe_embedder``, built
   from the model's own theta (never from an earlier CLEAR node's).
 """
@@ -39,6 +43,7 @@ import weakref
 
 from .weights import (TRAINING_FREE, apply_clear_weights, load_clear_weights, remove_clear_weights,
                       resolve_weight_file, training_setting, weight_choices)
+from .runtime import CATEGORY, current_band, ui_error, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +51,11 @@ WRAPPER_KEY = "comfyui_clear"
 RUN_KEY = "clear_run"  # transformer_options entry: this model call's _Run
 TRAIN_TOKENS = 64 * 64 + 512  # sequence length FLUX/CLEAR were trained at (1024 px, 512 text tokens)
 TRAINING_FREE_DEFAULT = (16, 1)
-_warned = set()
 
 
+@ui_error
 class CLEARPatchError(ValueError):
     """The model or the inputs cannot run with CLEAR; the message says what to change."""
-
-
-def _warn_once(message):
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
 
 
 def attention_scale(head_dim, text_len, grid, down_factor, proportional):
@@ -263,11 +262,19 @@ def _replaced_forward(forward):
     return f"the block's forward is replaced by {_name(forward)}, which does not run ComfyUI's attention"
 
 
-# Extensions known to replace FLUX's forward (matched in the module name), and what to do
+# Extensions known to replace FLUX's forward or blocks (matched in module names), and what to do
 _KNOWN_EXTENSIONS = {
-    "raylight": ("Raylight", "its sequence-parallel (xDiT Ulysses/ring) attention runs instead of ComfyUI's and "
-                             "cannot run CLEAR's local mask; run this model without Raylight's sequence "
-                             "parallelism, or without the CLEAR Attention Patch"),
+    ("raylight",): ("Raylight", "its sequence-parallel (xDiT Ulysses/ring) attention runs instead of ComfyUI's "
+                                "and cannot run CLEAR's local mask; run this model without Raylight's sequence "
+                                "parallelism, or without the CLEAR Attention Patch"),
+    ("ipadapter-flux", "ipadapter_flux"): (
+        "ComfyUI-IPAdapter-Flux", "its blocks (and its forward_orig) call attention without the options CLEAR's "
+                                  "settings travel in, and add the image prompt's own attention, so CLEAR's local "
+                                  "attention cannot run inside them, in either order; use IP-Adapter-Flux on the "
+                                  "model without the CLEAR Attention Patch"),
+    ("torch._dynamo.eval_frame.optimizedmodule",): (
+        "torch.compile of single blocks (e.g. KJNodes' FLUX compile node)", "compile the whole diffusion model "
+        "after the CLEAR Attention Patch instead (ComfyUI's TorchCompileModel), which keeps CLEAR's patches"),
 }
 
 
@@ -281,8 +288,8 @@ def _forward_orig_note(flux):
 
 def _with_known_extensions(message):
     text = message.lower()
-    for key, (name, advice) in _KNOWN_EXTENSIONS.items():
-        if key in text:
+    for keys, (name, advice) in _KNOWN_EXTENSIONS.items():
+        if any(key in text for key in keys):
             message += f" This is {name}: {advice}."
     return message
 
@@ -346,7 +353,6 @@ def _clear_attention_override(func, *args, previous=None, **kwargs):
     if not kwargs.get("skip_reshape", False):  # (B, L, H*D) -> (B, H, L, D)
         b, _, inner = q.shape
         q, k, v = (t.view(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
-    from .band_split import current_band
     band = current_band()  # a band worker of the CLEAR Multi-GPU Split: this call holds its rows only
     if band is not None:
         text_len, grid = band.text_len, band.grid
@@ -375,19 +381,24 @@ def _is_clear_override(obj):
 def _override_on_top(transformer_options):
     """CLEAR's attention override, on top of whatever override this call carries.
 
-    A node placed after CLEAR that sets ``optimized_attention_override`` without
-    chaining (another attention backend, Sage-style patches) would otherwise turn
-    CLEAR off silently while its distilled weights stay: re-installed here on
-    every model call (as ComfyUI's own block-sparse attention node does each
-    step), CLEAR takes its calls and the other override keeps the rest."""
+    Another node that sets ``optimized_attention_override`` without chaining
+    (another attention backend, Sage-style patches), or that puts itself back
+    on top at every step (ComfyUI's Model Sparse Attention, which may sit
+    before or after CLEAR), would otherwise turn CLEAR off silently while its
+    distilled weights stay: re-installed here on every model call, CLEAR takes
+    its calls and the other override keeps the rest. The warning names the
+    other override; where its node sits, CLEAR cannot tell."""
     current = transformer_options.get("optimized_attention_override")
     if _is_clear_override(current):
         return current
-    change = ("removed the attention override" if current is None else
-              f"set the attention override ({getattr(current, '__qualname__', type(current).__name__)}) "
-              "without keeping CLEAR's")
-    _warn_once(f"CLEAR: a node after the CLEAR Attention Patch {change}; CLEAR re-installs its override: "
-               "the FLUX blocks run CLEAR attention and every other attention call goes to the other override.")
+    if current is None:
+        warn_once("CLEAR: another node removed CLEAR's attention override from this model; CLEAR re-installs it: "
+                  "the FLUX blocks run CLEAR attention.")
+    else:
+        other = _name(current)
+        warn_once(f"CLEAR: another attention override ({other}) is on this model without keeping CLEAR's; CLEAR "
+                  f"puts its own back on top: the FLUX blocks run CLEAR attention and every other attention call "
+                  f"goes to {other}.")
     return functools.partial(_clear_attention_override, previous=current)
 
 
@@ -509,8 +520,8 @@ def _settings(weights, window_size, down_factor, file_down_factor, path=None):
     window = window_size or trained[0]
     down = down_factor or (file_down_factor if weights != TRAINING_FREE else trained[1])
     if weights != TRAINING_FREE and (window, down) != (trained[0], file_down_factor):
-        _warn_once(f"CLEAR: '{weights}' was trained with window_size={trained[0]}, down_factor={file_down_factor}; "
-                   f"running it with window_size={window}, down_factor={down} (quality may drop).")
+        warn_once(f"CLEAR: '{weights}' was trained with window_size={trained[0]}, down_factor={file_down_factor}; "
+                  f"running it with window_size={window}, down_factor={down} (quality may drop).")
     return window, down
 
 
@@ -533,6 +544,85 @@ def _forward_patch(current, block, where):
                              clear_module=weakref.ref(block))
 
 
+def _takes_options(forward):
+    """Whether ``forward`` can be called with transformer_options (a parameter
+    of that name or **kwargs); True where Python cannot tell."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "transformer_options" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _replaced_blocks(model, diffusion_model):
+    """{what: ["double 0", ...]} for the FLUX blocks that ``model``'s object
+    patches replace as whole modules (or as the block list), as
+    ComfyUI-IPAdapter-Flux and per-block compile nodes do. CLEAR cannot run
+    inside them: its patch of ``<block>.forward`` would land on the replacement
+    (before CLEAR) or stay on the original block (after CLEAR), and ComfyUI,
+    which restores object patches in the order it applied them, would then
+    leave one block's forward on the other."""
+    refused = {}
+    for kind, blocks in (("double", diffusion_model.double_blocks), ("single", diffusion_model.single_blocks)):
+        list_key = f"diffusion_model.{kind}_blocks"
+        for i in range(len(blocks)):
+            key = f"{list_key}.{i}"
+            replacement = model.object_patches.get(key, model.object_patches.get(list_key))
+            if replacement is not None:
+                what = (f"replaced by {_name(type(replacement))} (an object patch of the whole "
+                        f"{'block' if key in model.object_patches else 'block list'})")
+                refused.setdefault(what, []).append(f"{kind} {i}")
+    return refused
+
+
+def _refusal(refused):
+    details = "; ".join(f"FLUX blocks {', '.join(names[:4])}{', ...' if len(names) > 4 else ''} "
+                        f"({len(names)} in all) are {what}" for what, names in refused.items())
+    return CLEARPatchError(_with_known_extensions(
+        f"CLEAR Attention Patch: another node changed this model's blocks in a way CLEAR cannot run inside: "
+        f"{details}.") + " Remove that node, or use the model without the CLEAR Attention Patch.")
+
+
+def _block_forward_patches(model, diffusion_model):
+    """[(key, CLEAR's object patch)] for every FLUX block's ``forward``; or one
+    CLEARPatchError naming what another node put in place of blocks before
+    CLEAR where CLEAR cannot run inside: whole blocks (_replaced_blocks), or a
+    block forward replaced (by an object patch or on the module) by one that
+    takes no transformer_options, which CLEAR's settings reach attention in.
+    A replaced forward that takes them is chained: CLEAR runs inside it, and
+    the guard checks in every call that it did."""
+    refused = _replaced_blocks(model, diffusion_model)
+    patches = []
+    for kind, blocks in (("double", diffusion_model.double_blocks), ("single", diffusion_model.single_blocks)):
+        for i in range(len(blocks)):
+            key = f"diffusion_model.{kind}_blocks.{i}.forward"
+            patch = _forward_patch(model.get_model_object(key), blocks[i], (kind, i))
+            previous = patch.keywords["clear_previous"]
+            if previous is None or _takes_options(previous):
+                patches.append((key, patch))
+            elif not any(f"{kind} {i}" in names for names in refused.values()):
+                what = (f"run by a replaced forward, {_name(previous)}, which takes no transformer_options "
+                        "(what CLEAR's settings reach attention in)")
+                refused.setdefault(what, []).append(f"{kind} {i}")
+    if refused:
+        raise _refusal(refused)
+    return patches
+
+
+def _sample_wrapper(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: before ComfyUI loads and patches the model, refuse
+    blocks replaced by a node after CLEAR (as _block_forward_patches does for
+    nodes before it): once applied with CLEAR's patches, ComfyUI's restore
+    would leave the models it shares broken."""
+    patcher = executor.class_obj.model_patcher
+    refused = _replaced_blocks(patcher, patcher.get_model_object("diffusion_model"))
+    if refused:
+        raise _refusal(refused)
+    return executor(*args, **kwargs)
+
+
 def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down_factor=0,
                 proportional_attention=False, rope_ntk_factor=1.0):
     """Return a clone of ``model`` (a ComfyUI ModelPatcher of FLUX) running CLEAR."""
@@ -540,6 +630,7 @@ def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down
         weights, window_size, down_factor, proportional_attention, rope_ntk_factor)
     diffusion_model = _flux_model(model)
     _check_family(flux_family(diffusion_model), weights, proportional_attention)
+    forward_patches = _block_forward_patches(model, diffusion_model)
 
     clear_weights = None
     file_down = 1
@@ -555,9 +646,9 @@ def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down
     else:
         apply_clear_weights(m, clear_weights)
         if down > 1 and file_down == 1:
-            _warn_once(f"CLEAR: '{weights}' has no pooling weights; down_factor={down} uses mean pooling.")
+            warn_once(f"CLEAR: '{weights}' has no pooling weights; down_factor={down} uses mean pooling.")
         elif down == 1 and file_down > 1:
-            _warn_once(f"CLEAR: down_factor=1 ignores the pooling weights of '{weights}'.")
+            warn_once(f"CLEAR: down_factor=1 ignores the pooling weights of '{weights}'.")
 
     def layer(kind, index):
         sw = None
@@ -565,20 +656,21 @@ def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down
             sw = clear_weights.spatial_weights.get((kind, index))
         return {"window": window, "down_factor": down, "spatial_weight": sw, "proportional": proportional_attention}
 
-    layers = {}
-    for kind, blocks in (("double", diffusion_model.double_blocks), ("single", diffusion_model.single_blocks)):
-        for i in range(len(blocks)):
-            layers[(kind, i)] = layer(kind, i)
-            key = f"diffusion_model.{kind}_blocks.{i}.forward"
-            m.add_object_patch(key, _forward_patch(m.get_model_object(key), blocks[i], (kind, i)))
+    layers = {(kind, i): layer(kind, i) for kind, blocks in (("double", diffusion_model.double_blocks),
+                                                             ("single", diffusion_model.single_blocks))
+              for i in range(len(blocks))}
+    for key, forward in forward_patches:
+        m.add_object_patch(key, forward)
     options = m.model_options.setdefault("transformer_options", {})
     previous = _unwrap(options.get("optimized_attention_override"), _clear_attention_override)
     options["optimized_attention_override"] = functools.partial(_clear_attention_override, previous=previous)
 
     import comfy.patcher_extension
-    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                           functools.partial(_layout_wrapper, clear_layers=layers))
+    for kind, wrapper in ((comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                           functools.partial(_layout_wrapper, clear_layers=layers)),
+                          (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, _sample_wrapper)):
+        m.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        m.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
 
     if rope_ntk_factor != 1.0:
         from comfy.ldm.flux.layers import EmbedND
@@ -607,8 +699,10 @@ class CLEARAttentionPatch:
         "to a pooled copy of the image. Loads the distilled CLEAR weights (downloaded from the Hugging Face Hub "
         "into models/clear on first use) as weight patches, so LoRAs stack in either order. For 2K-8K images; "
         "a ControlNet's own attention stays full (its weights were not distilled for CLEAR).")
-    CATEGORY = "advanced/attention"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with CLEAR local attention in every FLUX block (and the distilled weights, "
+                       "if chosen). Connect it to the sampler, LoRA loaders or the other CLEAR nodes.",)
     FUNCTION = "patch"
 
     @classmethod

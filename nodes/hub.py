@@ -40,6 +40,8 @@ import threading
 import urllib.parse
 import urllib.request
 
+from .runtime import ui_error
+
 REPO_ID = "Huage001/CLEAR"
 REVISION = "main"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -48,6 +50,7 @@ PROBE_TIMEOUT_S = 5.0  # DNS + TCP connect; a reachable Hub answers in well unde
 log = logging.getLogger(__name__)
 
 
+@ui_error
 class CLEARDownloadError(RuntimeError):
     """A published CLEAR file could not be downloaded; the message says where to put it by hand."""
 

@@ -32,7 +32,8 @@ import logging
 import math
 import numbers
 
-from .clear_patch import _unwrap, _warn_once
+from .clear_patch import _unwrap
+from .runtime import CATEGORY, ui_error, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ MIN_CHUNK = 256  # smallest auto chunk
 TEXT_TOKENS = 512
 
 
+@ui_error
 class TokenChunkingError(ValueError):
     """The model cannot be chunked; the message says what to change."""
 
@@ -354,7 +356,12 @@ def single_block(block, args, chunk):
 def _unsupported(kind, block, args):
     """Why ComfyUI's own block must run instead (other FLUX-family variants), or None."""
     import torch
+    from comfy.ldm.flux import layers
 
+    own = layers.DoubleStreamBlock if kind == "double" else layers.SingleStreamBlock
+    cls = type(getattr(block, "_orig_mod", block))  # a torch.compile'd block: the block it wraps
+    if getattr(cls, "forward", None) is not own.forward:  # another extension's block (IP-Adapter-Flux's) does
+        return f"the block is {cls.__name__}, whose computation chunking cannot reproduce"  # more than its layers
     vec, img = args["vec"], args["img"]
     if not isinstance(vec, torch.Tensor) or vec.shape[0] != img.shape[0]:
         return "its modulation is not one vector per image (FLUX.2 / per-token timesteps)"
@@ -383,8 +390,8 @@ def _model_wrapper(executor, x, timestep, context, y=None, guidance=None, ref_la
     out = executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
     if unchunked:  # one line per model, not one per block (a FLUX.2 [dev] has 56)
         reasons = "; ".join(f"{' and '.join(sorted(kinds))} blocks: {why}" for why, kinds in unchunked.items())
-        _warn_once(f"FLUX Token Chunking: blocks of this model run unchunked (ComfyUI's own block, "
-                   f"full activation memory): {reasons}.")
+        warn_once(f"FLUX Token Chunking: blocks of this model run unchunked (ComfyUI's own block, "
+                  f"full activation memory): {reasons}.")
     return out
 
 
@@ -474,8 +481,10 @@ class CLEARTokenChunking:
         "Runs every FLUX block's linear layers, norms and MLP over chunks of tokens and only attention over "
         "the whole sequence: the same image, with a fraction of the activation memory at 4K-8K (an 8K step "
         "fits a 24 GB GPU with fp8 weights). Works with or without the CLEAR Attention Patch, in either order.")
-    CATEGORY = "advanced/model"
+    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model, its FLUX blocks run over chunks of tokens (the same image, less memory). "
+                       "Connect it to the sampler, or to the CLEAR Attention Patch.",)
     FUNCTION = "patch"
 
     @classmethod

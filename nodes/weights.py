@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .runtime import ui_error
+
 PUBLISHED = {  # file name -> (window_size, down_factor) it was trained with
     "clear_local_8.safetensors": (8, 1),
     "clear_local_16.safetensors": (16, 1),
@@ -55,6 +57,7 @@ _OPTIONAL_PREFIX = "transformer."  # a diffusers pipeline's transformer saved wh
 log = logging.getLogger(__name__)
 
 
+@ui_error
 class CLEARWeightsError(ValueError):
     """A CLEAR weight file that cannot be used with this model (message names the file)."""
 

@@ -417,6 +417,22 @@ def test_dense_mask_runs_sdpa(auto_on_cpu, h, w, window, dense):
         assert "triton" in auto_on_cpu[:-1]
 
 
+def test_dense_info_line_says_why_once(monkeypatch, caplog):
+    """Issue 26.9: the line read "..., dense (window covers the grid): running
+    scaled_dot_product_attention (the window covers the whole grid)"."""
+    import logging
+
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    q = torch.randn(1, 2, 3 + 4 * 5, 16)
+    with caplog.at_level(logging.INFO, logger=kernels.log.name):
+        clear_attention(q, q, q, text_len=3, grid=(4, 5), window=6)
+        clear_attention(q, q, q, text_len=3, grid=(4, 5), window=6)
+    (line,) = [r.getMessage() for r in caplog.records if "CLEAR attention on" in r.getMessage()]
+    assert line == "CLEAR attention on cpu, float32, head_dim 16, dense: running scaled_dot_product_attention " \
+                   "(the window covers the grid)"
+
+
 # --- device guard, self-check failure handling -------------------------------
 
 @pytest.fixture

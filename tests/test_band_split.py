@@ -246,17 +246,25 @@ def test_node_interface_and_bad_inputs(env):
             band_split.split_model(model, bad)
 
 
-def test_refuses_without_engine(comfyui, monkeypatch):
-    """ComfyUI before 0.33 (no comfy/multigpu.py): one error naming the version
-    needed. On 0.3.64 this is the real ComfyUI; on 0.33 the module is hidden."""
+@pytest.mark.parametrize("missing", ["module", "function"])
+def test_refuses_without_engine(comfyui, monkeypatch, missing):
+    """A ComfyUI without comfy/multigpu.py, or one whose comfy.multigpu lacks
+    create_multigpu_deepclones: one error naming what is missing. On 0.3.64
+    the module is really absent; otherwise it is hidden or emptied."""
     import sys
+    import types
 
     import flux_tiny
     from comfyui_clear.nodes import band_split
     if band_split.has_engine():
-        monkeypatch.setitem(sys.modules, "comfy.multigpu", None)  # import fails as on an older ComfyUI
+        import comfy
+
+        engine = None if missing == "module" else types.ModuleType("comfy.multigpu")  # None: import fails;
+        monkeypatch.setitem(sys.modules, "comfy.multigpu", engine)  # else a module without what the split uses
+        monkeypatch.setattr(comfy, "multigpu", engine)
     assert not band_split.has_engine()
-    with pytest.raises(band_split.BandSplitError, match=r"ComfyUI 0\.33\.0 or newer"):
+    with pytest.raises(band_split.BandSplitError, match=r"needs ComfyUI's multi-GPU support \(comfy/multigpu\.py "
+                                                        r"with create_multigpu_deepclones, in ComfyUI 0\.23\.0"):
         band_split.split_model(flux_tiny.make_tiny_flux(), 2)
 
 
@@ -270,7 +278,7 @@ def test_core_multigpu_clones_run_the_bands(comfyui, monkeypatch, exchanges):
 
     from comfyui_clear.nodes import band_split, clear_patch
     if not band_split.has_engine():
-        with pytest.raises(band_split.BandSplitError, match=r"ComfyUI 0\.33\.0"):
+        with pytest.raises(band_split.BandSplitError, match=r"create_multigpu_deepclones"):
             band_split.split_model(flux_tiny.make_tiny_flux(), 2)
         return
     cpu, stand_in = torch.device("cpu"), torch.device("cpu", 0)  # unequal devices, both the CPU

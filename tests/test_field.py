@@ -110,7 +110,9 @@ def test_a_later_attention_override_does_not_turn_clear_off(env, caplog, monkeyp
     chaining: CLEAR still runs in its blocks, the other override gets every other
     attention call, and the log says so once."""
     clear_patch, flux_tiny, _, _ = env
-    monkeypatch.setattr(clear_patch, "_warned", set())
+    from comfyui_clear.nodes import runtime
+
+    monkeypatch.setattr(runtime, "_warned", set())
     model = flux_tiny.make_tiny_flux()
     latent = torch.randn(1, 16, 10, 10, generator=torch.Generator().manual_seed(5))
     positive = _conditioning(1, 4, seed=6)
@@ -135,6 +137,64 @@ def test_a_later_attention_override_does_not_turn_clear_off(env, caplog, monkeyp
     for key in [k for k in dense.object_patches if k.endswith(".forward")]:
         del dense.object_patches[key]
     assert not torch.allclose(_sample(dense, latent, positive), expected, rtol=1e-3, atol=1e-3)
+
+
+def _override_node_before_clear(model):
+    """(model, name of its override) with an attention override that puts itself
+    back on top of whatever is on the hook at every step, applied before CLEAR:
+    ComfyUI's Model Sparse Attention where core has it (0.36+, the flux038
+    overlay; dense here: the tiny sequences are under min_tokens), else a
+    stand-in doing the same from a DIFFUSION_MODEL wrapper."""
+    try:
+        from comfy_extras import nodes_sparse_attention as sparse
+    except ImportError:
+        sparse = None
+    if sparse is not None:
+        return sparse.apply_block_sparse_attention(
+            model, tau=1.3, topk_ratio=0.0, vsa=False, start_percent=0.0, end_percent=1.0, min_tokens=1 << 20,
+            dense_blocks=set(), sink_conditioning="off", extra_tokens=0, verbose=False), \
+            "comfy_extras.nodes_sparse_attention.make_attention_override.<locals>.override"
+    import comfy.patcher_extension
+
+    def on_top_every_call(previous):
+        def reinstalled_override(func, *args, **kwargs):
+            return func(*args, **kwargs) if previous is None else previous(func, *args, **kwargs)
+        return reinstalled_override
+
+    def wrapper(executor, *args, **kwargs):
+        options = args[7] if len(args) > 7 else kwargs["transformer_options"]
+        options["optimized_attention_override"] = on_top_every_call(options.get("optimized_attention_override"))
+        return executor(*args, **kwargs)
+
+    m = model.clone()
+    options = m.model_options.setdefault("transformer_options", {})
+    options["optimized_attention_override"] = on_top_every_call(options.get("optimized_attention_override"))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_override", wrapper)
+    return m, "test_field._override_node_before_clear.<locals>.on_top_every_call.<locals>.reinstalled_override"
+
+
+def test_override_node_before_clear_warning_names_it_without_a_side(env, caplog, monkeypatch):
+    """Issue 26.7: an override node before CLEAR that re-installs itself every
+    step (core's Model Sparse Attention) was reported as "a node after the
+    CLEAR Attention Patch". The warning names the other override and says
+    nothing of where it sits; CLEAR still runs in its blocks."""
+    clear_patch, flux_tiny, _, _ = env
+    from comfyui_clear.nodes import runtime
+
+    monkeypatch.setattr(runtime, "_warned", set())
+    model = flux_tiny.make_tiny_flux()
+    latent = torch.randn(1, 16, 10, 10, generator=torch.Generator().manual_seed(5))
+    positive = _conditioning(1, 4, seed=6)
+    before, name = _override_node_before_clear(model)
+    (patched,) = clear_patch.CLEARAttentionPatch().patch(before, "clear_local_3.safetensors", 0, 0, False, 1.0)
+    (alone,) = clear_patch.CLEARAttentionPatch().patch(model, "clear_local_3.safetensors", 0, 0, False, 1.0)
+    with caplog.at_level(logging.WARNING):
+        out = _sample(patched, latent, positive)
+    assert torch.equal(out, _sample(alone, latent, positive))
+    (line,) = [r.getMessage() for r in caplog.records if "attention override" in r.getMessage()]
+    assert f"another attention override ({name}) is on this model" in line, line
+    words = line.replace(name, "")
+    assert "after" not in words and "before" not in words
 
 
 def _attention_backend_node(model):

@@ -406,6 +406,211 @@ def test_split_tokens_error_names_raylight(env):
 
 
 # ---------------------------------------------------------------------------
+# Whole-block replacements (issue 26.3): an IP-Adapter-Flux-style stand-in.
+# ComfyUI-IPAdapter-Flux's node object-patches every block with a module of its
+# own (built from the original block's layers; its forward takes the timestep
+# ``t`` and no transformer_options, and adds the image prompt's attention) and
+# forward_orig with one that calls those blocks (through patches_replace's
+# original_block where an entry exists). Written here from that description.
+
+IPA_MODULE = "/home/me/ComfyUI/custom_nodes/ComfyUI-IPAdapter-Flux.flux.layers"  # ComfyUI names a custom node's
+# modules by their folder's path
+
+
+def _image_prompt(x):
+    """What the adapter adds to the image stream (stands in for its attention on image-prompt tokens)."""
+    return 0.05 * torch.tanh(x)
+
+
+class DoubleBlockWithImagePrompt(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        for name in ("img_mod", "img_norm1", "img_attn", "img_norm2", "img_mlp", "txt_mod", "txt_norm1", "txt_attn",
+                     "txt_norm2", "txt_mlp"):  # the layers it reuses, as attributes of its own
+            setattr(self, name, getattr(block, name))
+        self.num_heads, self.hidden_size = block.num_heads, block.hidden_size
+        self.flipped_img_txt = getattr(block, "flipped_img_txt", False)  # gone from newer ComfyUI
+        self.original = block
+
+    def forward(self, img, txt, vec, pe, t, attn_mask=None):
+        img, txt = type(self.original).forward(self.original, img=img, txt=txt, vec=vec, pe=pe, attn_mask=attn_mask)
+        return img + _image_prompt(img), txt
+
+
+class SingleBlockWithImagePrompt(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        for name in ("linear1", "linear2", "norm", "pre_norm", "mlp_act", "modulation"):
+            setattr(self, name, getattr(block, name))
+        self.num_heads, self.hidden_size, self.mlp_hidden_dim = block.num_heads, block.hidden_size, block.mlp_hidden_dim
+        self.scale, self.original = block.scale, block
+
+    def forward(self, x, vec, pe, t, attn_mask=None):
+        x = type(self.original).forward(self.original, x, vec=vec, pe=pe, attn_mask=attn_mask)
+        return x + _image_prompt(x)
+
+
+def forward_orig_with_image_prompt(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,
+                                   transformer_options={}, attn_mask=None, **kwargs):
+    dit = transformer_options.get("patches_replace", {}).get("dit", {})
+    img, txt, vec, pe = _embed(self, img, img_ids, txt, txt_ids, timesteps, y, guidance)
+    extra = {"vec": vec, "pe": pe, "timesteps": timesteps, "attn_mask": attn_mask}
+    for i, block in enumerate(self.double_blocks):
+        def run(args, block=block):
+            out = block(img=args["img"], txt=args["txt"], vec=args["vec"], pe=args["pe"], t=args["timesteps"],
+                        attn_mask=args.get("attn_mask"))
+            return {"img": out[0], "txt": out[1]}
+        args = {"img": img, "txt": txt, **extra}
+        out = dit[("double_block", i)](args, {"original_block": run}) if ("double_block", i) in dit else run(args)
+        img, txt = out["img"], out["txt"]
+    x = torch.cat((txt, img), 1)
+    for i, block in enumerate(self.single_blocks):
+        def run(args, block=block):
+            return {"img": block(args["img"], vec=args["vec"], pe=args["pe"], t=args["timesteps"],
+                                 attn_mask=args.get("attn_mask"))}
+        args = {"img": x, **extra}
+        key = ("single_block", i)
+        x = (dit[key](args, {"original_block": run}) if key in dit else run(args))["img"]
+    return self.final_layer(x[:, txt.shape[1]:], vec)
+
+
+for _c in (DoubleBlockWithImagePrompt, SingleBlockWithImagePrompt, forward_orig_with_image_prompt):
+    _c.__module__ = IPA_MODULE
+
+
+def image_prompt_node(model):
+    """The stand-in applied as the IP-Adapter-Flux node applies itself: object
+    patches of forward_orig and of every block, on a clone."""
+    m = model.clone()
+    flux = m.get_model_object("diffusion_model")
+    m.add_object_patch("diffusion_model.forward_orig", types.MethodType(forward_orig_with_image_prompt, flux))
+    for i, block in enumerate(flux.double_blocks):
+        m.add_object_patch(f"diffusion_model.double_blocks.{i}", DoubleBlockWithImagePrompt(block))
+    for i, block in enumerate(flux.single_blocks):
+        m.add_object_patch(f"diffusion_model.single_blocks.{i}", SingleBlockWithImagePrompt(block))
+    return m
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_image_prompt_blocks_before_clear_are_refused_when_patching(env, order):
+    """Before: the CLEAR node accepted the model and sampling stopped with
+    "TypeError: DoubleStreamBlockIPA.forward() got an unexpected keyword
+    argument 'transformer_options'"."""
+    from comfyui_clear.nodes.clear_patch import CLEARPatchError
+
+    model = image_prompt_node(env[1].make_tiny_flux())
+    latent, positive = _inputs()
+    assert torch.isfinite(_sample(model, latent, positive)).all()  # the stand-in runs on its own
+    with pytest.raises(CLEARPatchError) as info:
+        _clear(model, order)
+    message = str(info.value)
+    assert message.startswith("CLEAR Attention Patch: another node changed this model's blocks")
+    assert (f"FLUX blocks double 0, double 1 (2 in all) are replaced by {IPA_MODULE}.DoubleBlockWithImagePrompt "
+            "(an object patch of the whole block)") in message
+    assert f"single 0, single 1 (2 in all) are replaced by {IPA_MODULE}.SingleBlockWithImagePrompt" in message
+    assert message.count("This is ComfyUI-IPAdapter-Flux:") == 1
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_image_prompt_blocks_after_clear_are_refused_before_loading(env, order):
+    """Before: the guard's error came after sampling with both nodes' object
+    patches applied, and ComfyUI's restore (in applying order) then left CLEAR's
+    forward on the shared model's blocks: the plain model stopped with "ran
+    outside a model call of the CLEAR model" from then on."""
+    from comfyui_clear.nodes.clear_patch import CLEARPatchError
+
+    model = env[1].make_tiny_flux()
+    latent, positive = _inputs()
+    plain = _sample(model, latent, positive)
+    patched = image_prompt_node(_clear(model, order))
+    with pytest.raises(CLEARPatchError) as info:
+        _sample(patched, latent, positive)
+    message = str(info.value)
+    assert (f"FLUX blocks double 0, double 1 (2 in all) are replaced by {IPA_MODULE}.DoubleBlockWithImagePrompt "
+            "(an object patch of the whole block)") in message
+    assert message.count("This is ComfyUI-IPAdapter-Flux:") == 1
+    assert torch.equal(_sample(model, latent, positive), plain)  # the shared model is as it was
+
+
+def test_token_chunking_keeps_an_image_prompt_block(env):
+    """Token chunking recomputes FLUX blocks from their layers; a block of
+    another extension's class runs as it is (before, chunking silently dropped
+    the image prompt: the replacement has the same layers)."""
+    from comfyui_clear.nodes import token_chunking
+
+    model = image_prompt_node(env[1].make_tiny_flux())
+    latent, positive = _inputs()
+    want = _sample(model, latent, positive)
+    assert torch.equal(_sample(token_chunking.patch_model(model, 8), latent, positive), want)
+
+
+@pytest.mark.parametrize("order", ["compile_then_clear", "clear_then_compile"])
+def test_compiled_blocks_are_refused_with_advice(env, order):
+    """Per-block torch.compile as KJNodes' FLUX compile node applies it (object
+    patches of every block): refused in either order, before anything compiles."""
+    from comfyui_clear.nodes.clear_patch import CLEARPatchError
+
+    def compile_blocks(model):
+        m = model.clone()
+        flux = m.get_model_object("diffusion_model")
+        for kind in ("double", "single"):
+            for i, block in enumerate(getattr(flux, f"{kind}_blocks")):
+                m.add_object_patch(f"diffusion_model.{kind}_blocks.{i}", torch.compile(block, backend="eager"))
+        return m
+
+    model = env[1].make_tiny_flux()
+    latent, positive = _inputs()
+    with pytest.raises(CLEARPatchError) as info:
+        if order == "compile_then_clear":
+            _clear(compile_blocks(model), "clear")
+        else:
+            _sample(compile_blocks(_clear(model, "clear")), latent, positive)
+    message = str(info.value)
+    assert "(4 in all) are replaced by torch._dynamo.eval_frame.OptimizedModule" in message
+    assert "This is torch.compile of single blocks" in message and "TorchCompileModel" in message
+
+
+def _forward_patch_before_clear(model, forward):
+    m = model.clone()
+    flux = m.get_model_object("diffusion_model")
+    for kind in ("double", "single"):
+        for i, block in enumerate(getattr(flux, f"{kind}_blocks")):
+            m.add_object_patch(f"diffusion_model.{kind}_blocks.{i}.forward", types.MethodType(forward, block))
+    return m
+
+
+def test_block_forward_patch_before_clear_that_passes_the_options_runs_clear(env, clear_counts):
+    """Only the block's forward replaced by an object patch, one that takes and
+    passes transformer_options (a PuLID-style forward): CLEAR runs inside it."""
+    calls = []
+
+    def counting_forward(self, *args, transformer_options={}, **kwargs):
+        calls.append(type(self).__name__)
+        return type(self).forward(self, *args, transformer_options=transformer_options, **kwargs)
+
+    model = env[1].make_tiny_flux()
+    latent, positive = _inputs()
+    out = _sample(_clear(_forward_patch_before_clear(model, counting_forward), "clear"), latent, positive)
+    assert len(calls) == 4 and len(clear_counts) == 4
+    assert torch.equal(out, _sample(_clear(model, "clear"), latent, positive))
+
+
+def test_block_forward_patch_before_clear_without_the_options_is_refused_when_patching(env):
+    """A replaced forward that takes no transformer_options cannot get CLEAR's
+    settings; before, sampling stopped with a bare TypeError."""
+    from comfyui_clear.nodes.clear_patch import CLEARPatchError
+
+    def forward_without_options(self, img, txt=None, vec=None, pe=None, attn_mask=None):
+        raise AssertionError("never called")
+
+    model = _forward_patch_before_clear(env[1].make_tiny_flux(), forward_without_options)
+    with pytest.raises(CLEARPatchError, match=r"FLUX blocks double 0, double 1, single 0, single 1 \(4 in all\) "
+                                              r"are run by a replaced forward, test_guard\..*forward_without_options, "
+                                              r"which takes no transformer_options"):
+        _clear(model, "clear")
+
+
+# ---------------------------------------------------------------------------
 # Still fine
 
 def test_block_outside_a_clear_model_call_is_an_error_not_dense(env):

@@ -43,6 +43,10 @@ def test_node_is_listed_with_its_inputs(server):
                               "rope_ntk_factor"]
     assert "clear_local_16.safetensors" in required["weights"][0]
     assert "none (training-free)" in required["weights"][0]
+    for node in ("CLEARAttentionPatch", "CLEARTokenChunking", "CLEARMultiGPUSplit"):  # one menu, every output told
+        info = _get(url + f"/object_info/{node}")[node]
+        assert info["category"] == "model/patch/CLEAR"
+        assert len(info["output_tooltips"]) == len(info["output"]) == 1 and info["output_tooltips"][0]
     assert "Import times for custom nodes" in (base / "server.log").read_text()
     assert "IMPORT FAILED" not in (base / "server.log").read_text()
 

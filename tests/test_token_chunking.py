@@ -413,9 +413,9 @@ def test_fallback_warns_once_per_model_naming_the_block_types(tiny, chunking, ra
     """Issue 17.4: one warning per block before (a FLUX.2 [dev] logged 56 lines)."""
     import logging
 
-    from comfyui_clear.nodes import clear_patch
+    from comfyui_clear.nodes import runtime
 
-    monkeypatch.setattr(clear_patch, "_warned", set())
+    monkeypatch.setattr(runtime, "_warned", set())
     model = tiny.make_tiny_flux()
     model.set_model_attn1_patch(lambda q, k, v, **kwargs: {})  # blocks chunking cannot reproduce
     patched = chunking.patch_model(model, 8)
@@ -436,7 +436,7 @@ def test_node_interface(chunking):
     inputs = chunking.CLEARTokenChunking.INPUT_TYPES()["required"]
     assert list(inputs) == ["model", "chunk_tokens"]
     assert inputs["chunk_tokens"][1]["default"] == 0 and inputs["chunk_tokens"][1]["min"] == 0
-    assert chunking.CLEARTokenChunking.CATEGORY == "advanced/model"
+    assert chunking.CLEARTokenChunking.CATEGORY == "model/patch/CLEAR"
 
 
 def test_second_clear_node_after_chunking_replaces_the_first(tiny, chunking):

@@ -390,3 +390,81 @@ def test_workflow_executes_at_test_size(runnable, name, base_size, target):
     import numpy as np
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))
     assert pixels.std() > 1.0, "a flat image: NaN or zeros somewhere in the graph"
+
+
+# ---------------------------------------------------------------------------
+# Errors as the UI shows them
+
+class _TestNotFluxModel:
+    """A MODEL whose diffusion model is not FLUX (the tiny FLUX with its
+    diffusion model object-patched away): every CLEAR node refuses it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "make"
+
+    def make(self):
+        import flux_tiny
+
+        model = flux_tiny.make_tiny_flux()
+        model.add_object_patch("diffusion_model", torch.nn.Identity())
+        return (model,)
+
+
+class _TestModelSink:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "take"
+    OUTPUT_NODE = True
+
+    def take(self, model):
+        return ()
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("node,inputs,error", [
+    ("CLEARAttentionPatch", {"weights": "none (training-free)", "window_size": 0, "down_factor": 0,
+                             "proportional_attention": False, "rope_ntk_factor": 1.0}, "CLEARPatchError"),
+    ("CLEARTokenChunking", {"chunk_tokens": 0}, "TokenChunkingError"),
+    ("CLEARMultiGPUSplit", {"gpus": 2}, "BandSplitError"),
+])
+def test_ui_error_names_the_exception_class(comfy, monkeypatch, node, inputs, error):
+    """Through ComfyUI's real PromptExecutor with the package loaded as ComfyUI
+    loads it: the execution_error the UI shows names the class. Before, its
+    exception_type was the module's name, a file path, glued to it
+    ('/.../custom_nodes/ComfyUI-CLEAR.nodes.clear_patch.CLEARPatchError')."""
+    import execution
+
+    from comfyui_clear.nodes import band_split, clear_patch, hub, token_chunking, weights
+    from comfyui_clear.nodes.compat import prompt_executor
+
+    nodes, _, _ = comfy
+    monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "TestNotFluxModel", _TestNotFluxModel)
+    monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "TestModelSink", _TestModelSink)
+
+    class Server:
+        client_id = None
+        last_node_id = None
+        sockets_metadata = {}
+
+        def send_sync(self, *args, **kwargs):
+            pass
+
+    executor = prompt_executor(Server())
+    prompt = {"1": {"class_type": "TestNotFluxModel", "inputs": {}},
+              "2": {"class_type": node, "inputs": {"model": ["1", 0], **inputs}},
+              "3": {"class_type": "TestModelSink", "inputs": {"model": ["2", 0]}}}
+    executor.execute(prompt, "test-error", {}, ["3"])
+    assert not executor.success
+    ((_, shown),) = [m for m in executor.status_messages if m[0] == "execution_error"]
+    assert shown["node_type"] == node and shown["exception_type"] == error, shown["exception_type"]
+    assert shown["exception_message"].startswith(("CLEAR", "FLUX"))
+    for cls in (clear_patch.CLEARPatchError, token_chunking.TokenChunkingError, band_split.BandSplitError,
+                weights.CLEARWeightsError, hub.CLEARDownloadError):
+        assert execution.full_type_name(cls) == cls.__name__

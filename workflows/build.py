@@ -302,7 +302,7 @@ def clear_flux_hires(target, clear_file, lora=False, controlnet=False, after_cle
 """
     if any(type_ == "CLEARMultiGPUSplit" for type_, _ in after_clear):
         extra += """
-**Multi-GPU**: *CLEAR Multi-GPU Split* runs each step of this pass across `gpus` GPUs (default 2), each computing a band of image rows: the same image as one GPU. Needs ComfyUI 0.33+, the full model on every GPU (core loaders), identical GPUs. Speed-up not yet measured on GPUs (modelled close to 2x on two GPUs). Set gpus to 1 to run on one GPU.
+**Multi-GPU**: *CLEAR Multi-GPU Split* runs each step of this pass across `gpus` GPUs (default 2), each computing a band of image rows: the same image as one GPU. Needs ComfyUI 0.23 or newer (its multi-GPU support), the full model on every GPU (core loaders), identical GPUs. Speed-up not yet measured on GPUs (modelled close to 2x on two GPUs). Set gpus to 1 to run on one GPU.
 """
     note = g.note(f"""## CLEAR {size}: {target} x {target} from a 1K base
 
