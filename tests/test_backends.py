@@ -547,13 +547,22 @@ def test_specialisation_mirror_matches_triton():
 
     from comfyui_clear.kernels import clear_triton
 
+    from triton.backends.amd.compiler import HIPBackend
+
     buf = torch.empty(64, dtype=torch.bfloat16)
-    for value in (0, 1, 2, 16, 17, 21504, 2 ** 31 - 16, 2 ** 31, -16, 2 ** 63, 0.5, True, buf, buf[1:], buf[8:]):
+    # ROCm: whether the whole allocation is below 2 GiB (a view of a larger one is not)
+    big = torch.empty(2 ** 30, dtype=torch.bfloat16, device="meta")
+    edge = torch.empty(2 ** 30 - 1, dtype=torch.bfloat16, device="meta")
+    for value in (0, 1, 2, 16, 17, 21504, 2 ** 31 - 16, 2 ** 31, -16, 2 ** 63, 0.5, True, buf, buf[1:], buf[8:],
+                  big, big[:64], edge):
         for specialize in (True, False):
             if isinstance(value, torch.Tensor) and not specialize:
                 continue
-            assert clear_triton._specialize_py(value, specialize) == tuple(native(BaseBackend, value, False,
-                                                                                  specialize, True)), value
+            for hip, backend in ((False, BaseBackend), (True, HIPBackend)):
+                expected = tuple(native(backend, value, False, specialize, True))
+                assert clear_triton._specialize_py(value, specialize, hip) == expected, (value, hip)
+                assert clear_triton._specialize(value, specialize, hip) == expected, (value, hip)
+    assert clear_triton._specialize(big, True, True)[1] == "D" and clear_triton._specialize(edge, True, True)[1] == "DS"
 
 
 # --- ComfyUI's TorchCompileModel ---------------------------------------------
