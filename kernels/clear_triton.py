@@ -264,6 +264,24 @@ def _empty_output(B, L, H, D, dtype, device):
     return torch.empty((B, L, H, D), dtype=dtype, device=device).transpose(1, 2)
 
 
+def _beyond_2gib():
+    return _I32
+
+
+def _full_range(t):
+    """A view of ``t`` that Triton's AMD launcher compiles without buffer
+    loads whatever the size of its allocation. By default it compiles a
+    pointer into an allocation below 2 GiB with them ("S", 32-bit offsets)
+    and any other without: two binaries, and the small first-use self-check
+    would never launch the one of a large call (FLUX's single-block v lives
+    in linear1's output, > 2 GiB from about 3.5K px). Triton asks
+    ``ptr_range()`` before the allocation's size; NVIDIA's launcher ignores
+    it. A new view, so cached and callers' tensors stay untouched."""
+    t = t.view(t.shape)
+    t.ptr_range = _beyond_2gib
+    return t
+
+
 def image_rows_launches(q, k, v, out, kp, vp, offsets, ranges, *, text_len, grid, window, scale, cfg):
     """[(kernel, launch grid, args, kwargs)], one launch per batch element
     from that element's base pointer: the one description both
@@ -281,9 +299,10 @@ def image_rows_launches(q, k, v, out, kp, vp, offsets, ranges, *, text_len, grid
     if cfg.get("maxnreg"):
         kwargs["maxnreg"] = cfg["maxnreg"]
     launches = []
+    offsets, ranges = _full_range(offsets), _full_range(ranges)
     for b in range(B):
-        qb, kb, vb, ob = q[b], k[b], v[b], out[b]
-        kpb, vpb = (kp[b], vp[b]) if has_pool else (qb, qb)  # unused (HAS_POOL=False); any tensor with strides
+        qb, kb, vb, ob = (_full_range(t[b]) for t in (q, k, v, out))
+        kpb, vpb = (_full_range(kp[b]), _full_range(vp[b])) if has_pool else (qb, qb)  # unused (HAS_POOL=False)
         args = (qb, kb, vb, kpb, vpb, ob, offsets, ranges,
                 *_strides(qb), *_strides(kb), *_strides(vb), *_strides(kpb), *_strides(ob),
                 H, text_len, h, w, window, P, scale * LOG2E)
@@ -297,7 +316,7 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 def _buffer_ops():
     # Triton's AMD knob (on by default): pointers into allocations below 2 GiB
-    # compile to buffer loads/stores with 32-bit offsets.
+    # compile to buffer loads/stores with 32-bit offsets (see ``_full_range``).
     return os.environ.get("AMDGCN_USE_BUFFER_OPS", "1").lower() in ("1", "true", "on", "yes")
 
 
@@ -305,11 +324,12 @@ def _specialize_py(value, specialize, hip=False):
     """Triton's launcher specialisation of one argument (type, attribute), for
     a Triton without ``native_specialize_impl``; tests hold it against it.
     ``hip``: as the AMD backend's launcher does, which also marks ("S") a
-    pointer whose whole allocation is below 2 GiB."""
+    pointer whose ``ptr_range()``, else whole allocation, is below 2 GiB."""
     if isinstance(value, torch.Tensor):
         attr = "D" if value.data_ptr() % 16 == 0 else ""
-        if hip and _buffer_ops() and value.untyped_storage().nbytes() < _I32:
-            attr += "S"
+        if hip and _buffer_ops():
+            size = value.ptr_range() if hasattr(value, "ptr_range") else value.untyped_storage().nbytes()
+            attr += "S" if size < _I32 else ""
         return "*" + _TRITON_TYPES[value.dtype], attr
     if isinstance(value, bool):
         return "u1", None
@@ -360,10 +380,8 @@ def launch_variant(args, kwargs, arch):
     as its launcher specialises the arguments (type: i32/i64, pointer dtype;
     attribute: equal to 1, divisible by 16, pointer 16-byte aligned), the
     constexprs and compile options, and the GPU arch. Two launches with one
-    variant run the same machine code. On ROCm (``arch`` a gfx name) a
-    pointer into an allocation of 2 GiB or more is another variant (no buffer
-    loads), which the small self-check does not launch: such calls are not
-    trusted and run FlexAttention."""
+    variant run the same machine code. On ROCm (``arch`` a gfx name) as the
+    AMD launcher specialises (``_full_range``)."""
     hip = isinstance(arch, str)
     spec = tuple((name, *_specialize(value, name not in DO_NOT_SPECIALIZE, hip))
                  for name, value in zip(_param_names(), args))
@@ -377,9 +395,6 @@ def describe_variant(variant):
     types = {name: kind for name, kind, _ in spec}
     ints = [(kind, attr) for name, kind, attr in spec if name.startswith("s")]
     strides = ("32-bit" if all(kind in ("i32", "constexpr") for kind, _ in ints) else "64-bit") + " strides"
-    if isinstance(arch, str):  # ROCm: buffer loads only into allocations below 2 GiB
-        big = [name for name, kind, attr in spec if kind.startswith("*") and "S" not in (attr or "")]
-        strides += f", allocations of 2 GiB or more ({', '.join(big)})" if big else ""
     return (f"{types['Q'][1:]} head_dim {o['HEAD_DIM']}, {'with' if o['HAS_POOL'] else 'no'} pooled keys, "
             f"{o['TILE_Y']}x{o['TILE_X']} tiles, {o['KEY_Y']}x{o['KEY_X']} key blocks, {o['num_warps']} warps, "
             f"{o['num_stages']} stages, {strides}, arch {arch}")
