@@ -17,11 +17,13 @@ Text query rows (dense rows over text + image keys) go through
 
 Configurations (tile and block shapes, warps, stages per head_dim, r, d and
 GPU arch) live in ``tiling.kernel_config``. This kernel has run only under
-Triton's CPU interpreter and been compiled ahead of time for sm_80..sm_120
+Triton's CPU interpreter and been compiled ahead of time for NVIDIA
+sm_80..sm_120 and AMD gfx90a, gfx942, gfx950, gfx1100 and gfx1201
 (tests/test_kernel_compile.py); it has not yet run on a GPU.
 """
 
 import contextlib
+import os
 import threading
 
 import torch
@@ -36,23 +38,29 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _dot(a, b, UPCAST: tl.constexpr):
+    # "ieee", the one input precision every backend accepts (Triton 3.8's AMD
+    # backend allows "tf32" on gfx942 only and refuses to compile it on
+    # gfx90a, gfx950 and RDNA). For fp16/bf16 operands it changes nothing: the
+    # products are exact and accumulate in fp32 on the tensor cores (MMA on
+    # NVIDIA, MFMA/WMMA on AMD); float32 operands (the interpreter's float32
+    # tests) get full fp32 products, not tf32's 10-bit mantissa.
     # Triton's CPU interpreter computes bf16 x bf16 dots wrongly (3.8); there
     # the (exact) products are formed in float32 instead, as the GPU does.
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
-def _scores(q, k, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _scores(q, k, qk_scale, UPCAST: tl.constexpr):
     """Q K^T of one key block in log2 units; every (query, key) product the
     kernel issues passes here (tests count them against tiling.issued_pairs)."""
-    return _dot(q, k, PRECISION, UPCAST) * qk_scale
+    return _dot(q, k, UPCAST) * qk_scale
 
 
 @triton.jit
-def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _online_softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
     """Fold one chunk of scores (already in log2 units, -inf where masked) in."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row may have seen only masked keys so far: keep exp2 away from inf - inf.
@@ -60,13 +68,13 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr, UPCAST: t
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _attend_all_keys(q, k_base, v_base, skl, skd, svl, svd, n_keys, qk_scale, m_i, l_i, acc,
-                     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     """Fold keys [0, n_keys) of one (batch, head) into the online softmax: the
     text keys and the pooled keys, which every image query sees."""
     offs_n = tl.arange(0, BLOCK_T)
@@ -76,9 +84,9 @@ def _attend_all_keys(q, k_base, v_base, skl, skd, svl, svd, n_keys, qk_scale, m_
         k_ok = kn < n_keys
         k = tl.load(k_base + kn[None, :].to(tl.int64) * skl + offs_d[:, None] * skd, mask=k_ok[None, :], other=0.0)
         v = tl.load(v_base + kn[:, None].to(tl.int64) * svl + offs_d[None, :] * svd, mask=k_ok[:, None], other=0.0)
-        s = _scores(q, k, qk_scale, PRECISION, UPCAST)
+        s = _scores(q, k, qk_scale, UPCAST)
         s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, UPCAST)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
     return m_i, l_i, acc
 
 
@@ -102,8 +110,7 @@ def _clear_image_rows_kernel(
     soh, sol, sod,
     H, T, h, w, R, P, qk_scale,
     HEAD_DIM: tl.constexpr, TILE_Y: tl.constexpr, TILE_X: tl.constexpr, KEY_Y: tl.constexpr,
-    KEY_X: tl.constexpr, BLOCK_T: tl.constexpr, HAS_POOL: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    KEY_X: tl.constexpr, BLOCK_T: tl.constexpr, HAS_POOL: tl.constexpr, UPCAST: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = TILE_Y * TILE_X
     BLOCK_N: tl.constexpr = KEY_Y * KEY_X
@@ -132,7 +139,7 @@ def _clear_image_rows_kernel(
 
     # 1. text keys
     m_i, l_i, acc = _attend_all_keys(q, k_base, v_base, skl, skd, svl, svd, T, qk_scale, m_i, l_i, acc,
-                                     BLOCK_T, HEAD_DIM, PRECISION, UPCAST)
+                                     BLOCK_T, HEAD_DIM, UPCAST)
 
     # 2. local image keys: this tile's key blocks, one flat (pipelined) loop
     r2 = R * R
@@ -147,17 +154,17 @@ def _clear_image_rows_kernel(
         k_rows = (T + ky * w + kx).to(tl.int64)
         k = tl.load(k_base + k_rows[None, :] * skl + offs_d[:, None] * skd, mask=k_ok[None, :], other=0.0)
         v = tl.load(v_base + k_rows[:, None] * svl + offs_d[None, :] * svd, mask=k_ok[:, None], other=0.0)
-        s = _scores(q, k, qk_scale, PRECISION, UPCAST)
+        s = _scores(q, k, qk_scale, UPCAST)
         dy = qy[:, None] - ky[None, :]
         dx = qx[:, None] - kx[None, :]
         seen = (dy * dy + dx * dx < r2) & k_ok[None, :]
         s = tl.where(seen, s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION, UPCAST)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, UPCAST)
 
     # 3. pooled keys
     if HAS_POOL:
         m_i, l_i, acc = _attend_all_keys(q, KP + hd * sph, VP + hd * sph, spl, spd, spl, spd, P,
-                                         qk_scale, m_i, l_i, acc, BLOCK_T, HEAD_DIM, PRECISION, UPCAST)
+                                         qk_scale, m_i, l_i, acc, BLOCK_T, HEAD_DIM, UPCAST)
 
     # Rows past the grid edge (never stored) may have seen no key: avoid 0/0.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -261,6 +268,24 @@ def _empty_output(B, L, H, D, dtype, device):
     return torch.empty((B, L, H, D), dtype=dtype, device=device).transpose(1, 2)
 
 
+def _beyond_2gib():
+    return _I32
+
+
+def _full_range(t):
+    """A view of ``t`` that Triton's AMD launcher compiles without buffer
+    loads whatever the size of its allocation. By default it compiles a
+    pointer into an allocation below 2 GiB with them ("S", 32-bit offsets)
+    and any other without: two binaries, and the small first-use self-check
+    would never launch the one of a large call (FLUX's single-block v lives
+    in linear1's output, > 2 GiB from about 3.5K px). Triton asks
+    ``ptr_range()`` before the allocation's size; NVIDIA's launcher ignores
+    it. A new view, so cached and callers' tensors stay untouched."""
+    t = t.view(t.shape)
+    t.ptr_range = _beyond_2gib
+    return t
+
+
 def image_rows_launches(q, k, v, out, kp, vp, offsets, ranges, *, text_len, grid, window, scale, cfg):
     """[(kernel, launch grid, args, kwargs)], one launch per batch element
     from that element's base pointer: the one description both
@@ -273,15 +298,15 @@ def image_rows_launches(q, k, v, out, kp, vp, offsets, ranges, *, text_len, grid
     tiles = triton.cdiv(h, cfg["TILE_Y"]) * triton.cdiv(w, cfg["TILE_X"])
     kwargs = dict(HEAD_DIM=D, TILE_Y=cfg["TILE_Y"], TILE_X=cfg["TILE_X"], KEY_Y=cfg["KEY_Y"], KEY_X=cfg["KEY_X"],
                   BLOCK_T=cfg["BLOCK_T"], HAS_POOL=has_pool,
-                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   UPCAST=q.dtype == torch.bfloat16 and q.device.type == "cpu",
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("maxnreg"):
         kwargs["maxnreg"] = cfg["maxnreg"]
     launches = []
+    offsets, ranges = _full_range(offsets), _full_range(ranges)
     for b in range(B):
-        qb, kb, vb, ob = q[b], k[b], v[b], out[b]
-        kpb, vpb = (kp[b], vp[b]) if has_pool else (qb, qb)  # unused (HAS_POOL=False); any tensor with strides
+        qb, kb, vb, ob = (_full_range(t[b]) for t in (q, k, v, out))
+        kpb, vpb = (_full_range(kp[b]), _full_range(vp[b])) if has_pool else (qb, qb)  # unused (HAS_POOL=False)
         args = (qb, kb, vb, kpb, vpb, ob, offsets, ranges,
                 *_strides(qb), *_strides(kb), *_strides(vb), *_strides(kpb), *_strides(ob),
                 H, text_len, h, w, window, P, scale * LOG2E)
@@ -293,11 +318,23 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
                  torch.int64: "i64", torch.float64: "fp64"}
 
 
-def _specialize_py(value, specialize):
+def _buffer_ops():
+    # Triton's AMD knob (on by default): pointers into allocations below 2 GiB
+    # compile to buffer loads/stores with 32-bit offsets (see ``_full_range``).
+    return os.environ.get("AMDGCN_USE_BUFFER_OPS", "1").lower() in ("1", "true", "on", "yes")
+
+
+def _specialize_py(value, specialize, hip=False):
     """Triton's launcher specialisation of one argument (type, attribute), for
-    a Triton without ``native_specialize_impl``; tests hold it against it."""
+    a Triton without ``native_specialize_impl``; tests hold it against it.
+    ``hip``: as the AMD backend's launcher does, which also marks ("S") a
+    pointer whose ``ptr_range()``, else whole allocation, is below 2 GiB."""
     if isinstance(value, torch.Tensor):
-        return "*" + _TRITON_TYPES[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
+        attr = "D" if value.data_ptr() % 16 == 0 else ""
+        if hip and _buffer_ops():
+            size = value.ptr_range() if hasattr(value, "ptr_range") else value.untyped_storage().nbytes()
+            attr += "S" if size < _I32 else ""
+        return "*" + _TRITON_TYPES[value.dtype], attr
     if isinstance(value, bool):
         return "u1", None
     if isinstance(value, int):
@@ -318,7 +355,14 @@ def _native_specialize():
         from triton.runtime.jit import native_specialize_impl
     except ImportError:
         return None
-    return lambda value, specialize: tuple(native_specialize_impl(BaseBackend, value, False, specialize, True))
+    try:
+        from triton.backends.amd.compiler import HIPBackend
+    except ImportError:  # a Triton without the AMD backend launches nothing on ROCm
+        HIPBackend = BaseBackend
+
+    def specialize(value, specialize, hip=False):
+        return tuple(native_specialize_impl(HIPBackend if hip else BaseBackend, value, False, specialize, True))
+    return specialize
 
 
 _specialize = _native_specialize() or _specialize_py
@@ -340,8 +384,10 @@ def launch_variant(args, kwargs, arch):
     as its launcher specialises the arguments (type: i32/i64, pointer dtype;
     attribute: equal to 1, divisible by 16, pointer 16-byte aligned), the
     constexprs and compile options, and the GPU arch. Two launches with one
-    variant run the same machine code."""
-    spec = tuple((name, *_specialize(value, name not in DO_NOT_SPECIALIZE))
+    variant run the same machine code. On ROCm (``arch`` a gfx name) as the
+    AMD launcher specialises (``_full_range``)."""
+    hip = isinstance(arch, str)
+    spec = tuple((name, *_specialize(value, name not in DO_NOT_SPECIALIZE, hip))
                  for name, value in zip(_param_names(), args))
     return arch, spec, tuple(sorted(kwargs.items()))
 

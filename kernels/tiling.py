@@ -31,10 +31,10 @@ def kernel_config(head_dim, window, down_factor=1, arch=None):
     number (ROCm reports 9.x for MI300).
 
     The one place to tune per GPU. Constraints proven by
-    tests/test_kernel_compile.py for every NVIDIA arch: no register spills,
-    shared memory within the arch's per-block limit, tensor cores for every
-    dot. ROCm configs are not compile-checked (the first-use self-check
-    still guards them).
+    tests/test_kernel_compile.py for every NVIDIA arch (sm_80..sm_120) and
+    AMD arch (gfx90a, gfx942, gfx950, gfx1100, gfx1201): no register spills,
+    shared memory within the arch's per-block limit, tensor cores (MMA,
+    MFMA, WMMA) for every dot. Speed on AMD is not yet measured on a GPU.
     """
     # 8x8 query tiles (64 rows: the smallest wgmma M) with 8x8 key blocks;
     # at r > 16 with pooled keys, 2x8 key blocks follow the disc's rim closer
@@ -43,10 +43,16 @@ def kernel_config(head_dim, window, down_factor=1, arch=None):
     key_y, key_x = (2, 8) if (window > 16 and down_factor > 1) or head_dim >= 256 else (8, 8)
     block_t = 64
     maxnreg = None
-    if isinstance(arch, str):
-        # AMD (64-lane wavefronts, 512 VGPRs): 4 warps; 2 stages is what
-        # Triton's AMD stream pipeliner expects. maxnreg is an NVIDIA option.
-        # Not yet measured on a GPU.
+    if isinstance(arch, str) and _rdna(arch):
+        # RDNA 3/4 (32-lane wavefronts, WMMA, 256 VGPRs per lane): with 4
+        # warps (2 stages or 1) LLVM spills 40-690 bytes to scratch on
+        # gfx1100/gfx1201; 8 warps at head_dim 64 fit, without software
+        # pipelining; 16 at 128 still spill 28-68 bytes in some variants
+        # (tests/test_kernel_compile.py). maxnreg is an NVIDIA option.
+        num_warps, num_stages = (8 if head_dim <= 64 else 16), 1
+    elif isinstance(arch, str):
+        # CDNA (64-lane wavefronts, MFMA, 512 VGPRs + AGPRs): 4 warps; 2
+        # stages is what Triton's AMD stream pipeliner expects.
         num_warps, num_stages = 4, 2
     elif arch is not None and arch // 10 == 9:
         num_warps, num_stages = 4, 3
@@ -62,6 +68,11 @@ def kernel_config(head_dim, window, down_factor=1, arch=None):
         num_warps, num_stages, maxnreg = 8, 3, 255
     return dict(TILE_Y=tile_y, TILE_X=tile_x, KEY_Y=key_y, KEY_X=key_x, BLOCK_T=block_t,
                 num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+
+
+def _rdna(arch):
+    """RDNA (gfx10xx-gfx12xx: 32-lane wavefronts) rather than CDNA (gfx9xx: 64)."""
+    return int(arch[3:-2] or 0) >= 10  # "gfx1100" -> 11, "gfx942" -> 9, "gfx90a" -> 9
 
 
 def _config_key(cfg):

@@ -563,13 +563,48 @@ def test_specialisation_mirror_matches_triton():
 
     from comfyui_clear.kernels import clear_triton
 
+    from triton.backends.amd.compiler import HIPBackend
+
     buf = torch.empty(64, dtype=torch.bfloat16)
-    for value in (0, 1, 2, 16, 17, 21504, 2 ** 31 - 16, 2 ** 31, -16, 2 ** 63, 0.5, True, buf, buf[1:], buf[8:]):
+    # ROCm: whether the whole allocation is below 2 GiB (a view of a larger one is not)
+    big = torch.empty(2 ** 30, dtype=torch.bfloat16, device="meta")
+    edge = torch.empty(2 ** 30 - 1, dtype=torch.bfloat16, device="meta")
+    for value in (0, 1, 2, 16, 17, 21504, 2 ** 31 - 16, 2 ** 31, -16, 2 ** 63, 0.5, True, buf, buf[1:], buf[8:],
+                  big, big[:64], edge, clear_triton._full_range(buf), clear_triton._full_range(edge)):
         for specialize in (True, False):
             if isinstance(value, torch.Tensor) and not specialize:
                 continue
-            assert clear_triton._specialize_py(value, specialize) == tuple(native(BaseBackend, value, False,
-                                                                                  specialize, True)), value
+            for hip, backend in ((False, BaseBackend), (True, HIPBackend)):
+                expected = tuple(native(backend, value, False, specialize, True))
+                assert clear_triton._specialize_py(value, specialize, hip) == expected, (value, hip)
+                assert clear_triton._specialize(value, specialize, hip) == expected, (value, hip)
+    assert clear_triton._specialize(big, True, True)[1] == "D" and clear_triton._specialize(edge, True, True)[1] == "DS"
+    assert clear_triton._specialize(clear_triton._full_range(edge), True, True)[1] == "D"
+
+
+@pytest.mark.parametrize("arch", ["gfx942", "gfx1100"])
+def test_rocm_variant_does_not_depend_on_allocation_size(arch):
+    """Triton's AMD launcher compiles a pointer into an allocation below 2 GiB
+    with buffer loads, another binary. The small first-use check must launch
+    the variant of an 8K call, where the single block's v is a slice of
+    linear1's 11 GB output: the kernel's pointers opt out (same variant)."""
+    pytest.importorskip("triton.backends.amd.compiler")
+    from comfyui_clear.kernels import clear_triton, tiling
+
+    def variants(T, grid):
+        B, H, D = 1, 24, 128
+        L = T + grid[0] * grid[1]
+        qk = torch.empty(B, H, L, D, dtype=torch.bfloat16, device="meta")
+        linear1 = torch.empty(B, L, 7 * H * D, dtype=torch.bfloat16, device="meta")
+        v = linear1[..., :3 * H * D].view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)[2]
+        q, k, v, kp, vp = clear_triton.prepare(qk, qk, v)
+        out = clear_triton._empty_output(B, L, H, D, q.dtype, "meta")
+        table = torch.empty(64, 2, dtype=torch.int32, device="meta")
+        launches = clear_triton.image_rows_launches(q, k, v, out, kp, vp, table, table, text_len=T, grid=grid,
+                                                    window=16, scale=0.1, cfg=tiling.kernel_config(D, 16, 1, arch))
+        return {clear_triton.launch_variant(args, kwargs, arch) for _, _, args, kwargs in launches}
+
+    assert variants(77, (27, 29)) == variants(512, (512, 512))
 
 
 # --- ComfyUI's TorchCompileModel ---------------------------------------------

@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every Triton kernel variant the dispatcher can
-launch for FLUX shapes, for each NVIDIA arch we target, on the CPU (no GPU
-needed).
+launch for FLUX shapes, for each NVIDIA and AMD arch we target, on the CPU
+(no GPU needed).
 
 Variants are discovered, not listed: every radius and down factor the node
 allows goes through ``tiling.kernel_config``, every FLUX-like shape and layout
@@ -16,6 +16,18 @@ tensor cores (each dot of the Triton IR is an MMA in the GPU IR, and the SASS
 holds at least the HMMA/HGMMA instructions those dots need), spill nothing
 (ptxas -v) and fit the arch's shared memory per block. head_dim 16/32/256
 are not compiled: ``triton_supported`` refuses them on the GPU.
+
+ROCm targets (CDNA gfx90a/gfx942/gfx950: 64-lane wavefronts; RDNA
+gfx1100/gfx1201: 32) run Triton's whole AMD pipeline here, ttir -> ttgir ->
+llir -> amdgcn -> hsaco: LLVM's AMDGPU target and lld are linked into
+libtriton (``amd.assemble_amdgcn``, ``amd.link_hsaco``), so no ROCm install
+is needed. Each compile must lower every dot to MFMA (CDNA) or WMMA (RDNA)
+in the GPU IR with at least the matrix instructions those dots need in the
+amdgcn, use no scratch memory (no VGPR spills: LLVM's kernel metadata; SGPR
+spills go to VGPR lanes, not memory; RDNA at head_dim 128: at most
+``RDNA_HEAD_DIM_128_SCRATCH`` bytes) and fit the LDS per workgroup, and
+the hsaco must be an AMDGPU ELF. What stays unchecked without an AMD GPU:
+loading the hsaco (HIP runtime) and running it.
 
 Compiles take seconds each: results are kept per (kernel source, Triton
 version, specialisation) in ``$CLEAR_AOT_CACHE`` (default
@@ -41,6 +53,14 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (it comes
 
 # Max shared memory per block (opt-in), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
+# ROCm: gfx name -> (wavefront size, LDS per workgroup in bytes). CDNA (MI200, MI300, MI350) runs 64-lane
+# wavefronts, RDNA 3/4 (RX 7000, RX 9000) 32.
+ROCM = {"gfx90a": (64, 64 * 1024), "gfx942": (64, 64 * 1024), "gfx950": (64, 160 * 1024),
+        "gfx1100": (32, 64 * 1024), "gfx1201": (32, 64 * 1024)}
+# Scratch bytes accepted per compile: RDNA at head_dim 128 (16 warps, 1 stage) spills 6-16 VGPRs (28-68 B) in
+# some variants on gfx1100/gfx1201 (Triton 3.8; with 4 warps 556-688 B). Not yet measured on a GPU.
+RDNA_HEAD_DIM_128_SCRATCH = 128
+TARGETS = [("cuda", arch, 32) for arch in SMEM_LIMIT] + [("hip", arch, lanes) for arch, (lanes, _) in ROCM.items()]
 NODE_RADII = range(1, 257)  # the node's window_size range
 NODE_DOWN = range(1, 17)    # the node's down_factor range
 DTYPES = (torch.bfloat16, torch.float16)  # on CUDA the Triton backend takes half precision only
@@ -52,7 +72,7 @@ GRIDS = ((64, 64), (63, 95), (512, 512))
 BATCHES = (1, 2)
 LAYOUTS = ("bhld", "blhd", "single")
 LINEAR1_WIDTH = 3 * 3072 + 4 * 3072  # FLUX single block: q, k, v and the MLP input in one linear
-RESULT_FORMAT = 2  # bump when compile_and_inspect reports new fields
+RESULT_FORMAT = 3  # bump when compile_and_inspect reports new fields
 def _bin(name):
     try:
         import triton.backends.nvidia as nv
@@ -95,8 +115,9 @@ def discover_launches():
     jobs, problems, seen = {}, [], set()
     kernel = clear_triton._clear_image_rows_kernel
     names = clear_triton._param_names()
-    for arch in SMEM_LIMIT:
-        target = GPUTarget("cuda", arch, 32)
+    for target in TARGETS:
+        arch = target[1]
+        target = GPUTarget(*target)
         backend = make_backend(target)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         for heads, head_dim in HEADS:
@@ -145,7 +166,8 @@ def discover_launches():
                                             backend, kwargs, bound, spec, opts)
                                         key = repr((arch, sorted(signature.items()), sorted(constexprs.items()),
                                                     sorted(attrs.items()), sorted(options.__dict__.items())))
-                                        jobs.setdefault(key, dict(arch=arch, signature=signature,
+                                        jobs.setdefault(key, dict(backend=target.backend, arch=arch,
+                                                                  warp_size=target.warp_size, signature=signature,
                                                                   constexprs=constexprs, attrs=attrs,
                                                                   options=options.__dict__, example=example,
                                                                   has_pool=d > 1))
@@ -170,6 +192,14 @@ def compile_and_inspect(job):
     from comfyui_clear.kernels import clear_triton
 
     arch = job["arch"]
+    if job["backend"] == "hip":
+        ck = triton.compile(ASTSource(clear_triton._clear_image_rows_kernel, job["signature"], job["constexprs"],
+                                      job["attrs"]), target=GPUTarget("hip", arch, job["warp_size"]),
+                            options=job["options"])
+        return dict(shared=ck.metadata.shared, num_warps=ck.metadata.num_warps, num_stages=ck.metadata.num_stages,
+                    warp_size=ck.metadata.warp_size, hsaco_elf=ck.asm["hsaco"][:4] == b"\x7fELF",
+                    **amdgcn_report(ck.asm["amdgcn"]), **dot_report(ck.asm["ttir"], ck.asm["ttgir"],
+                                                                    ck.metadata.num_warps))
     knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
@@ -198,15 +228,41 @@ def compile_and_inspect(job):
                 num_stages=ck.metadata.num_stages, **dot_report(ck.asm["ttir"], ck.asm["ttgir"], ck.metadata.num_warps))
 
 
+def amdgcn_report(asm):
+    """What LLVM's AMDGPU backend says about one kernel: matrix instructions
+    (MFMA on CDNA, WMMA on RDNA), registers, spills, scratch, occupancy."""
+    def meta(name):
+        found = re.findall(rf"^\s+\.{name}:\s+(\d+)", asm, re.M)
+        return int(found[0]) if found else None
+
+    scratch = re.findall(r"^; ScratchSize: (\d+)", asm, re.M)
+    occupancy = re.findall(r"^; Occupancy: (\d+)", asm, re.M)
+    return dict(mfma=len(re.findall(r"^\s+v_mfma_", asm, re.M)), wmma=len(re.findall(r"^\s+v_wmma_", asm, re.M)),
+                vgprs=meta("vgpr_count"), agprs=meta("agpr_count"), vgpr_spills=meta("vgpr_spill_count"),
+                sgpr_spills=meta("sgpr_spill_count"), private_segment=meta("private_segment_fixed_size"),
+                scratch=int(scratch[0]) if scratch else None, occupancy=int(occupancy[0]) if occupancy else None)
+
+
+# The matrix instruction shape (M, N, K) of an AMD WMMA layout per version: RDNA 3 and 4 take 16x16x16 for 16-bit
+# inputs (Triton's amd_wmma encoding does not spell it out; amd_mfma's instrShape does).
+WMMA_SHAPE = {1: (16, 16, 16), 2: (16, 16, 16)}
+
+
 def dot_report(ttir, ttgir, num_warps):
     """Every dot of the Triton IR and how the GPU IR lowered it: an MMA layout
-    (version 2: mma.sync, HMMA; version 3: wgmma, HGMMA) or not (FMA), and the
-    fewest tensor-core instructions per warp the MMA dots need (16-bit inputs:
-    HMMA m16n8k16; HGMMA m64nNk16 per warpgroup)."""
+    (NVIDIA version 2: mma.sync, HMMA; version 3: wgmma, HGMMA; AMD "mfma",
+    "wmma") or not (None: FMA), and the fewest tensor-core instructions per
+    warp the MMA dots need (16-bit inputs: HMMA m16n8k16; HGMMA m64nNk16 per
+    warpgroup; MFMA/WMMA of the layout's instruction shape). AMD's pipeliner
+    peels loop iterations: its GPU IR may hold more dots than the source."""
     encodings = {name: (int(major), [int(x) for x in shape.split(",")])
                  for name, major, shape in re.findall(
                      r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+),.*?instrShape = \[([\d, ]+)\]", ttgir, re.M)}
-    dots, need = [], {"hmma": 0, "hgmma": 0}
+    encodings.update({name: ("mfma", [int(x) for x in shape.split(",")]) for name, shape in re.findall(
+        r"^#(\w+) = #ttg\.amd_mfma<\{.*?instrShape = \[([\d, ]+)\]", ttgir, re.M)})
+    encodings.update({name: ("wmma", list(WMMA_SHAPE[int(version)])) for name, version in re.findall(
+        r"^#(\w+) = #ttg\.amd_wmma<\{version = (\d+)", ttgir, re.M)})
+    dots, need = [], {"hmma": 0, "hgmma": 0, "amd": 0}
     for line in ttgir.splitlines():
         if not re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", line):
             continue
@@ -220,8 +276,10 @@ def dot_report(ttir, ttgir, num_warps):
             need["hmma"] += (M // 16) * (N // 8) * (K // 16) // num_warps
         elif version == 3:
             need["hgmma"] += (M // 64) * (N // instr[1]) * (K // 16) // max(1, num_warps // 4)
+        elif version in ("mfma", "wmma"):
+            need["amd"] += (M // instr[0]) * (N // instr[1]) * (K // instr[2]) // num_warps
     return dict(ttir_dots=len(re.findall(r"= tt\.dot ", ttir)), dots=dots, hmma_min=need["hmma"],
-                hgmma_min=need["hgmma"])
+                hgmma_min=need["hgmma"], amd_matrix_min=need["amd"])
 
 
 @contextlib.contextmanager
@@ -272,16 +330,20 @@ def test_launches_discovered(compiled):
     jobs, _, problems = compiled
     assert not problems, "\n".join(problems[:20])
     archs = {job["arch"] for job in jobs.values()}
-    assert archs == set(SMEM_LIMIT)
+    assert archs == {arch for _, arch, _ in TARGETS}
     head_dims = {job["constexprs"][(list(job["signature"]).index("HEAD_DIM"),)] for job in jobs.values()}
     assert head_dims == set(HEAD_DIMS)
     # with and without pooled keys, both key-block shapes, both half types, per arch
-    for arch in SMEM_LIMIT:
+    for arch in archs:
         kinds = {(job["has_pool"], job["signature"]["Q"]) for job in jobs.values() if job["arch"] == arch}
         assert kinds == {(p, t) for p in (False, True) for t in ("*bf16", "*fp16")}
     wide = [(job["example"], name) for job in jobs.values() for name, kind in job["signature"].items()
             if kind in ("i64", "u64")]
     assert not wide, f"64-bit kernel arguments (batch strides must stay out of the kernel): {wide[:5]}"
+    # ROCm: no variant per allocation size (buffer loads below 2 GiB; clear_triton._full_range)
+    ranged = [job["example"] for job in jobs.values()
+              if any(attr[0] == "tt.pointer_range" for attrs in job["attrs"].values() for attr in attrs)]
+    assert not ranged, f"pointer-range (buffer load) variants: {ranged[:5]}"
 
 
 def test_supported_head_dims_are_compiled(monkeypatch):
@@ -304,8 +366,15 @@ def test_supported_head_dims_are_compiled(monkeypatch):
 def report(jobs, results):
     """One line per compile: what the README's compile table is made from."""
     lines = []
-    for key, job in sorted(jobs.items(), key=lambda kv: (kv[1]["arch"], kv[1]["example"])):
+    for key, job in sorted(jobs.items(), key=lambda kv: (str(kv[1]["arch"]), kv[1]["example"])):
         res = results[key]
+        if job["backend"] == "hip":
+            lines.append(f"{job['arch']:<7} {job['example']:<58} warps {res['num_warps']}x{res['warp_size']} "
+                         f"stages {res['num_stages']} vgprs {res['vgprs']} agprs {res['agprs']} "
+                         f"shared {res['shared'] // 1024} KB scratch {res['scratch']} B "
+                         f"sgpr spills {res['sgpr_spills']} occupancy {res['occupancy']} "
+                         f"{'MFMA' if res['mfma'] else 'WMMA'} {res['mfma'] or res['wmma']}")
+            continue
         lines.append(f"sm_{job['arch']:<4} {job['example']:<58} warps {res['num_warps']} stages {res['num_stages']} "
                      f"regs {res['regs']} shared {res['shared'] // 1024} KB spill {res['spill_bytes']} B "
                      f"{'HGMMA' if res['hgmma'] else 'HMMA'} {res['hgmma'] or res['hmma']}")
@@ -320,6 +389,12 @@ def test_every_launch_compiles_clean(compiled):
         res, arch = results[key], job["arch"]
         problems = []
         sites = 6 if job["has_pool"] else 4  # Q K^T and P V for text, local and pooled keys
+        if job["backend"] == "hip":
+            problems = _rocm_problems(job, res, sites)
+            if problems:
+                bad.append(f"{arch} ({job['example']}; {res['num_warps']} warps, {res['num_stages']} stages, "
+                           f"{res['vgprs']} VGPRs, {res['shared']} B LDS): {', '.join(problems)}")
+            continue
         if res["ttir_dots"] != sites or len(res["dots"]) != sites:
             problems.append(f"{res['ttir_dots']} dots in TTIR, {len(res['dots'])} in TTGIR, {sites} in the source")
         fma = [dot for dot in res["dots"] if dot[3] is None]
@@ -342,3 +417,30 @@ def test_every_launch_compiles_clean(compiled):
             bad.append(f"sm_{arch} ({job['example']}; {res['num_warps']} warps, {res['num_stages']} stages, "
                        f"{res['regs']} regs, {res['shared']} B shared): {', '.join(problems)}")
     assert not bad, "\n".join(bad)
+
+
+def _rocm_problems(job, res, sites):
+    arch = job["arch"]
+    problems = []
+    matrix = "wmma" if job["warp_size"] == 32 else "mfma"  # RDNA: WMMA; CDNA: MFMA
+    if res["warp_size"] != ROCM[arch][0]:
+        problems.append(f"compiled for {res['warp_size']}-lane wavefronts")
+    if res["ttir_dots"] != sites or len(res["dots"]) < sites:
+        problems.append(f"{res['ttir_dots']} dots in TTIR, {len(res['dots'])} in TTGIR, {sites} in the source")
+    off = [dot[:3] for dot in res["dots"] if dot[3] != matrix]
+    if off:
+        problems.append(f"dots not on {matrix.upper()} (M, N, K): {off}")
+    if res[matrix] < max(1, res["amd_matrix_min"]):
+        problems.append(f"amdgcn has {res[matrix]} {matrix.upper()} instructions, the dots need at least "
+                        f"{res['amd_matrix_min']}")
+    head_dim = job["constexprs"][(list(job["signature"]).index("HEAD_DIM"),)]
+    allowed = RDNA_HEAD_DIM_128_SCRATCH if matrix == "wmma" and head_dim == 128 else 0
+    if res["vgpr_spills"] is None or res["scratch"] is None:
+        problems.append("LLVM reported no spill count or scratch size")
+    elif max(res["scratch"], res["private_segment"] or 0) > allowed or (res["vgpr_spills"] and not allowed):
+        problems.append(f"{res['vgpr_spills']} VGPRs spilled, {res['scratch']} B scratch")
+    if res["shared"] > ROCM[arch][1]:
+        problems.append(f"LDS {res['shared']} B > {ROCM[arch][1]} B")
+    if not res["hsaco_elf"]:
+        problems.append("hsaco is not an ELF object")
+    return problems

@@ -271,19 +271,18 @@ _SKIP_N = -1  # which loop skips a chunk: the one over this many keys
 if triton is not None:
     @triton.jit
     def _attend_skipping_a_chunk(q, k_base, v_base, skl, skd, svl, svd, n_keys, qk_scale, m_i, l_i, acc,
-                                 BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-                                 UPCAST: tl.constexpr):
+                                 BLOCK_T: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
         """The kernel's loop over keys [0, n_keys), but keys [64, 128) skipped
         when n_keys == _SKIP_N (interpreter only: runs as Python)."""
         if n_keys == _SKIP_N:
             m_i, l_i, acc = _ATTEND(q, k_base, v_base, skl, skd, svl, svd, 64, qk_scale, m_i, l_i, acc,
-                                    BLOCK_T, HEAD_DIM, PRECISION, UPCAST)
+                                    BLOCK_T, HEAD_DIM, UPCAST)
             if n_keys > 128:
                 m_i, l_i, acc = _ATTEND(q, k_base + 128 * skl, v_base + 128 * svl, skl, skd, svl, svd, n_keys - 128,
-                                        qk_scale, m_i, l_i, acc, BLOCK_T, HEAD_DIM, PRECISION, UPCAST)
+                                        qk_scale, m_i, l_i, acc, BLOCK_T, HEAD_DIM, UPCAST)
         else:
             m_i, l_i, acc = _ATTEND(q, k_base, v_base, skl, skd, svl, svd, n_keys, qk_scale, m_i, l_i, acc,
-                                    BLOCK_T, HEAD_DIM, PRECISION, UPCAST)
+                                    BLOCK_T, HEAD_DIM, UPCAST)
         return m_i, l_i, acc
 
 
