@@ -232,15 +232,15 @@ def _rope(x, pe):
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).to(x.dtype)
 
 
-def rope_tables(text_len, grid, head_dim, device):
+def rope_tables(text_len, grid, head_dim, device, axes=None):
     """cos, sin (L, head_dim / 2) of FLUX's 3-axis RoPE: ids (0, 0, 0) for text,
-    (0, y, x) for image tokens."""
+    (0, y, x) for image tokens; ``axes`` default rope_axes(head_dim)."""
     h, w = grid
     ids = torch.zeros(text_len + h * w, 3, device=device)
     ids[text_len:, 1] = torch.arange(h, device=device).repeat_interleave(w)
     ids[text_len:, 2] = torch.arange(w, device=device).repeat(h)
     angles = torch.cat([ids[:, i, None] * 10000.0 ** (-torch.arange(0, a, 2, device=device) / a)
-                        for i, a in enumerate(rope_axes(head_dim))], -1)
+                        for i, a in enumerate(axes or rope_axes(head_dim))], -1)
     return angles.cos(), angles.sin()
 
 

@@ -3,6 +3,7 @@ benchmarks only on a GPU), and the exact FLOP counter they report against."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -84,6 +85,50 @@ def test_flux_step_bench_cpu_smoke(comfyui, tmp_path):
                 for name in ("dense", "clear"):
                     assert r[f"{name}_ms"] == pytest.approx(r[f"{name}_rest_ms"] + 2 * r[f"{name}_double_block_ms"]
                                                             + 2 * r[f"{name}_single_block_ms"])
+
+
+def test_standalone_step_blocks_compute_comfyuis_flux_blocks(comfyui):
+    """bench/flux_step.py --impl standalone (the step where ComfyUI cannot be
+    installed) computes what ComfyUI's FLUX double and single blocks compute,
+    given their weights: its timings are of the same work."""
+    import flux_step
+    from flux_tiny import make_tiny_flux
+
+    dm = make_tiny_flux(depth=1, depth_single=1).model.diffusion_model
+    lin = lambda i, o: torch.nn.Linear(i, o)  # noqa: E731
+    norm = lambda d: torch.nn.RMSNorm(d, eps=1e-6)  # noqa: E731
+    renames = [(r"_mod\.lin\.", "_mod."), (r"modulation\.lin\.", "mod."), (r"_attn\.(qkv|proj)\.", r"_\1."),
+               (r"_attn\.norm\.(q|k)[a-z]*_norm\.(scale|weight)", r"_\1norm.weight"),  # QK gains: .scale (0.3.x)
+               (r"^norm\.(q|k)[a-z]*_norm\.(scale|weight)", r"\1norm.weight")]
+
+    def ours(block, theirs):
+        state = {}
+        for key, value in theirs.state_dict().items():
+            for old, new in renames:
+                key = re.sub(old, new, key)
+            state[key] = value
+        block.load_state_dict(state)  # strict: every weight has its counterpart
+        return block
+
+    double, single = ours(flux_step.DoubleBlock(256, 2, lin, norm), dm.double_blocks[0]), \
+        ours(flux_step.SingleBlock(256, 2, lin, norm), dm.single_blocks[0])
+    T, (h, w), gen = 5, (3, 4), torch.Generator().manual_seed(0)
+    img, txt, vec = torch.randn(1, h * w, 256, generator=gen), torch.randn(1, T, 256, generator=gen), \
+        torch.randn(1, 256, generator=gen)
+    ids = torch.zeros(1, T + h * w, 3)
+    ids[0, T:, 1], ids[0, T:, 2] = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    pe = dm.pe_embedder(ids)
+    tables = flux_step.rope_tables(T, (h, w), 128, "cpu", axes=dm.params.axes_dim)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():
+        want_img, want_txt = dm.double_blocks[0](img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=None,
+                                                 transformer_options={})  # clones: ComfyUI adds in place
+        got_img, got_txt = double(img, txt, vec, tables, sdpa)
+        x = torch.cat([txt, img], 1)
+        want_x = dm.single_blocks[0](x.clone(), vec=vec, pe=pe, attn_mask=None, transformer_options={})
+        got_x = single(x, vec, tables, sdpa)
+    for got, want in ((got_img, want_img), (got_txt, want_txt), (got_x, want_x)):
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
 # --- bench/gpu_check.sh: the one GPU run, kept working by its dry mode ---------
