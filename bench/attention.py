@@ -1,4 +1,5 @@
-"""Benchmark: CLEAR attention (ours) vs dense flash attention vs FlexAttention
+"""Benchmark: CLEAR attention (ours) vs dense attention (SDPA flash = FA2,
+SDPA cuDNN, FA3 where importable: the fastest is the comparison) vs FlexAttention
 with the CLEAR block mask (how the reference implementation runs CLEAR), on
 FLUX shapes, side by side in one run; optionally beside comfy-kitchen's
 ``sol_attn`` and NATTEN's ``na2d`` (``--peers``: other computations, timed
@@ -149,11 +150,57 @@ def rel_err(out, ref):
 
 
 def dense(q, k, v):
+    """Dense attention through SDPA's flash backend (FA2): the reference for the FLOP ratio and the peers'
+    stand-ins."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = [SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
     with sdpa_kernel(backends):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+DENSE = {"flash": "SDPA flash (FA2)", "cudnn": "SDPA cuDNN attention", "fa3": "FlashAttention-3 (flash_attn_interface)"}
+
+
+def dense_baselines(names, q):
+    """{name: fn(q, k, v)} of the dense attentions that run here on q's shape and dtype,
+    and {name: status} ("ok" or why not) for each name."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend):
+        def run(q, k, v):
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return run
+
+    fns, status = {}, {}
+    for name in names:
+        try:
+            if name == "flash":
+                fn = dense
+            elif name == "cudnn":
+                if not hasattr(SDPBackend, "CUDNN_ATTENTION"):
+                    raise RuntimeError("this torch has no cuDNN SDPA backend")
+                fn = sdpa(SDPBackend.CUDNN_ATTENTION)
+            elif name == "fa3":
+                import flash_attn_interface  # FA3's Hopper build; (B, L, H, D) layout
+
+                def fn(q, k, v, fa=flash_attn_interface.flash_attn_func):
+                    out = fa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                    return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+            else:
+                raise SystemExit(f"unknown dense baseline {name!r}: choose from {', '.join(DENSE)}")
+            probe = q[:, :, :256]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fn(probe, probe, probe)  # refuses here: a RuntimeError (no kernel for this GPU, dtype, head_dim)
+            fns[name], status[name] = fn, "ok"
+        except ImportError as exc:
+            status[name] = f"not importable: {exc}"
+        except Exception as exc:  # RuntimeError mostly: no kernel for this GPU, dtype or head_dim
+            lines = str(exc).strip().splitlines()
+            status[name] = f"unavailable: {lines[0][:200] if lines else type(exc).__name__}"
+    return fns, status
 
 
 def main(argv=None):
@@ -176,6 +223,8 @@ def main(argv=None):
                    help="dry runs: each peer is replaced by a dense SDPA stand-in (labelled) so its code runs")
     p.add_argument("--budget-s", type=float, help="start no new grid after this many seconds (the first always "
                    "runs; the rest are listed under 'skipped'); the JSON is rewritten after every row")
+    p.add_argument("--dense", nargs="+", default=["flash", "cudnn", "fa3"], choices=list(DENSE),
+                   help="dense baselines timed per grid; the fastest is the comparison (x dense, %% ideal)")
     p.add_argument("--check-max-grid", type=int, default=128, help="largest grid to check correctness at")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes")
     p.add_argument("--out", help="JSON path (default bench/results/attention-<device>-<date>.json)")
@@ -205,13 +254,12 @@ def main(argv=None):
         else:  # compiling for the CPU takes minutes; eager is exact and fine at smoke sizes
             flex, make_block_mask = flex_attention, create_block_mask
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-    if cuda:
-        try:
-            dense(*(torch.zeros(1, 1, 128, 64, device=device, dtype=torch.bfloat16) for _ in range(3)))
-        except RuntimeError as exc:
-            notes.append(f"dense flash attention unavailable on this GPU/build: {exc}")
-            print("NOTE:", notes[-1], flush=True)
-            sys.exit(1)
+    probe = torch.zeros(1, args.heads, 256, args.head_dim, device=device, dtype=dtype)
+    dense_fns, dense_status = dense_baselines(args.dense, probe)
+    for name, status in dense_status.items():
+        print(f"dense {name} ({DENSE[name]}): {status}", flush=True)
+    if not dense_fns:
+        sys.exit(f"no dense baseline runs here: {dense_status}")
 
     env = environment()
     peers = Peers(args.peers, device, standin=args.standin_peers)
@@ -221,7 +269,7 @@ def main(argv=None):
 
     def save():
         payload = {"environment": env, "cpu_smoke_run": smoke, "notes": notes, "args": vars(args),
-                   "peers": peers.status, "rows": rows, "skipped": skipped}
+                   "peers": peers.status, "dense": dense_status, "rows": rows, "skipped": skipped}
         return payload, write_results("attention", payload, args.out)
 
     print(f"{'grid':>5} {'r':>3} {'d':>2} | {'dense ms':>9} {'flex ms':>9} {'ours ms':>9} | {'ours TF/s':>9} "
@@ -235,7 +283,16 @@ def main(argv=None):
         L = T + g * g
         gen = torch.Generator(device=device).manual_seed(g)
         q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
-        dense_ms = time_ms(lambda: dense(q, k, v), args.repeats)
+        dense_each = {}
+        for name, fn in dense_fns.items():
+            try:
+                dense_each[name] = time_ms(lambda fn=fn: fn(q, k, v), args.repeats)
+            except RuntimeError as exc:  # e.g. out of memory at one size: the others still compare
+                print(f"NOTE: dense {name} failed at grid {g}: {str(exc).strip()[:200]}", flush=True)
+        if not dense_each:
+            sys.exit(f"no dense baseline ran at grid {g}")
+        dense_backend = min(dense_each, key=dense_each.get)  # the fastest is the comparison
+        dense_ms = dense_each[dense_backend]
         peer_ms = {}  # sol per grid, natten per (grid, kernel)
 
         def peer_time(key, make):
@@ -253,6 +310,7 @@ def main(argv=None):
                 ratio = tiling.work_ratio(T, (g, g), r, d, cfg)
                 row = {"grid": g, "image_px": 16 * g, "window": r, "down_factor": d, "heads": H, "head_dim": D,
                        "text_len": T, "dtype": args.dtype, "ours_backend": ours_backend, "dense_ms": dense_ms,
+                       "dense_backend": dense_backend, **{f"dense_{n}_ms": ms for n, ms in dense_each.items()},
                        "dense_flops": dense_flops(B, H, D, T, g, g), "clear_flops": clear_flops(B, H, D, T, g, g, r, d),
                        "kernel_config": cfg, "issued_over_useful": ratio, "work_model_ceiling_pct": 100 / ratio}
                 if "sol" in peers.fns:

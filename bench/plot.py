@@ -74,18 +74,20 @@ def main(argv=None):
 
 
 def plot_step(plt, rows, title, out):
-    """Bars per image size: step time (left) and peak memory (right) of each variant."""
-    names = [n for n in ("dense", "clear", "dense_chunked", "clear_chunked") if f"{n}_ms" in rows[0]]
+    """Bars per image size (and model code: ComfyUI's Flux or the standalone
+    blocks): step time (left) and peak memory (right) of each variant."""
+    names = [n for n in ("dense", "clear", "dense_chunked", "clear_chunked") if any(f"{n}_ms" in r for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         xs = [j + i * width for j in range(len(rows))]
-        axes[0].bar(xs, [r[f"{name}_ms"] / 1e3 for r in rows], width, label=name.replace("_", " + "))
+        axes[0].bar(xs, [(r.get(f"{name}_ms") or 0) / 1e3 for r in rows], width, label=name.replace("_", " + "))
         peaks = [r.get(f"{name}_peak_gib") or 0 for r in rows]
         axes[1].bar(xs, peaks, width, label=name.replace("_", " + "))
     for ax, ylabel in zip(axes, ("one step (s)", "peak GPU memory (GiB)")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))],
-                      [f"{r['image_px']}px\n({r.get('blocks', 'full')} blocks)" for r in rows])
+                      [f"{r['image_px']}px\n({r.get('blocks', 'full')} blocks)"
+                       + (f"\n{r['impl']}" if "impl" in r else "") for r in rows])
         ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"FLUX.1-dev-sized step, r={rows[0].get('window')}, {title}", fontsize=9)
