@@ -113,6 +113,7 @@ def _dry_regime(dry, check_grid, check_text, specialize_float=True):
     saved = (kernels._fast_device, dict(kernels._TRUST), dict(kernels._CHOICES), flex.COMPILE_DEVICES,
              flex.COMPILE_BACKEND, flex._COMPILED, selfcheck.BATCH, selfcheck.TEXT_LEN, selfcheck.check_grid,
              getattr(dyn, limit_name), getattr(dyn, "specialize_float", None))
+    kernels._CHOICES.clear()  # "auto"'s choices reported are this check's own, not earlier calls' in the process
     if dry:
         kernels._fast_device = lambda q: True
         flex.COMPILE_DEVICES, flex.COMPILE_BACKEND, flex._COMPILED = ("cuda", "cpu"), "eager", {}
