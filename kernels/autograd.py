@@ -22,7 +22,7 @@
 import torch
 
 from . import reference
-from .reference import _compute_dtype, clear_attention_torch, pooled_grid, working_set_budget
+from .reference import _compute_dtype, clear_attention_torch, pooled_grid, text_row_chunks, working_set_budget
 
 # The custom op's backend value for "auto" when the caller needs gradients:
 # the same choice without the Triton kernel (it has no backward).
@@ -151,12 +151,7 @@ def _text_rows_backward(grad_out, q, k, v, dq, dk, dv, T, scale, budget):
     g = c + (q.element_size() if q.dtype != dtype else 0)
     per_head = 2 * L * D * g + 2 * L * D * c  # keys and values in the compute dtype, their gradient products
     per_row = 2 * L * c + 2 * D * g + 3 * D * c  # probabilities and their gradient; q, dO, output, dq rows
-    heads = min(H, budget // max(1, B * (per_head + T * per_row)))
-    if heads >= 1:
-        rows = T
-    else:
-        heads = 1
-        rows = max(1, (budget // B - per_head) // per_row)
+    heads, rows = text_row_chunks(B, H, T, per_head, per_row, budget)
     for h0 in range(0, H, heads):
         h1 = min(H, h0 + heads)
         kc, vc = k[:, h0:h1].to(dtype), v[:, h0:h1].to(dtype)

@@ -201,6 +201,16 @@ def _select(x, sel):
     return x[:, :, sel].unsqueeze(2) if isinstance(sel, slice) else x[:, :, sel]
 
 
+def text_row_chunks(B, H, T, per_head, per_row, budget):
+    """(heads, rows) per chunk of the dense text rows: whole heads while they fit
+    ``budget`` (``per_head`` bytes each plus ``per_row`` per text row), else one
+    head and as many rows as fit (at least one)."""
+    heads = min(H, budget // max(1, B * (per_head + T * per_row)))
+    if heads >= 1:
+        return heads, T
+    return 1, max(1, (budget // B - per_head) // per_row)
+
+
 def _attend_text_queries(q, k, v, out, T, scale, budget):
     """Text rows see every text and image key: dense rows, chunked over heads and rows."""
     B, H, L, D = q.shape
@@ -209,12 +219,7 @@ def _attend_text_queries(q, k, v, out, T, scale, budget):
     g = c + (q.element_size() if q.dtype != dtype else 0)  # a converted copy and its source
     per_head = 2 * L * D * g  # this head's keys and values in the compute dtype
     per_row = D * g + L * c + 2 * D * c  # query, score row, output row (+ its sum)
-    heads = min(H, budget // max(1, B * (per_head + T * per_row)))
-    if heads >= 1:
-        rows = T
-    else:
-        heads = 1
-        rows = max(1, (budget // B - per_head) // per_row)
+    heads, rows = text_row_chunks(B, H, T, per_head, per_row, budget)
     for h0 in range(0, H, heads):
         h1 = min(H, h0 + heads)
         kc = k[:, h0:h1].to(dtype)

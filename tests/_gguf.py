@@ -29,3 +29,36 @@ def import_comfyui_gguf():
     for sub in ("nodes", "ops", "dequant", "loader", "tools.convert"):
         importlib.import_module(f"{MODULE}.{sub}")
     return sys.modules[MODULE]
+
+
+def tiny_gguf_flux(quantized=lambda key: True, unquantized_as_f32=False):
+    """The tiny FLUX (tests/flux_tiny.py) on ComfyUI-GGUF's ops: the block
+    weights ``quantized(key)`` picks as Q8_0, the rest as stored, or as GGUF F32
+    tensors (what its loader gives unquantized weights) with
+    ``unquantized_as_f32``. Returns (ModelPatcher on the CPU, ComfyUI-GGUF's ops)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import flux_tiny
+    import torch
+
+    ops = import_comfyui_gguf().ops  # skips without gguf or ComfyUI-GGUF
+    import gguf
+
+    dense = flux_tiny.make_tiny_flux().model
+    config = comfy.supported_models.Flux(flux_tiny.tiny_unet_config())
+    config.set_inference_dtype(torch.float32, torch.float32)
+    config.custom_operations = ops.GGMLOps
+    model = config.get_model({})
+    sd = {}
+    for key, value in dense.diffusion_model.state_dict().items():
+        if "blocks." in key and key.endswith(".weight") and value.dim() == 2:
+            if quantized(key):
+                q = gguf.quants.quantize(value.numpy(), gguf.GGMLQuantizationType.Q8_0)
+                value = ops.GGMLTensor(torch.from_numpy(q), tensor_type=gguf.GGMLQuantizationType.Q8_0,
+                                       tensor_shape=value.shape)
+            elif unquantized_as_f32:
+                value = ops.GGMLTensor(value, tensor_type=gguf.GGMLQuantizationType.F32, tensor_shape=value.shape)
+        sd[key] = value
+    model.diffusion_model.load_state_dict(sd, strict=False)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, cpu, cpu), ops

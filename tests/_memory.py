@@ -72,3 +72,18 @@ class RSSPeak:
 
     def __exit__(self, *exc):
         self.rise = (_status_kib("VmHWM") - self.start) * 1024
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in elements) any op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from _memory import LiveBytes
+from _memory import LargestTensor, LiveBytes
 from comfyui_clear.kernels import clear_attention, pool_image_tokens, reference
 from oracle import clear_oracle, rel_err
 
@@ -247,21 +246,6 @@ def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):
         clear_attention(q, k, v, text_len=0, grid=(2, 2), window=2, backend="triton")
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("d", [1, 4])
 def test_torch_path_never_builds_an_LxL_tensor(monkeypatch, d):
     """With the chunk budget lowered, no intermediate reaches L*L elements (a dense
@@ -271,7 +255,7 @@ def test_torch_path_never_builds_an_LxL_tensor(monkeypatch, d):
     B, H, D, T, h, w, r = 1, 2, 16, 16, 48, 48, 4
     L = T + h * w
     q, k, v = _inputs(B, H, D, L, dtype=torch.float32, seed=0)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=d, backend="torch")
     assert torch.isfinite(out).all()
     assert mode.largest < L * L / 8, (mode.largest, L * L)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import comfyui_clear.kernels as kernels
-from _memory import LiveBytes
+from _memory import LargestTensor, LiveBytes
 from comfyui_clear.kernels import autograd, clear_attention, pool_image_tokens, reference
 from oracle import clear_oracle, rel_err
 
@@ -296,19 +296,6 @@ def test_backward_working_set_stays_within_the_budget(monkeypatch, dtype, d):
     assert work[-1] < work[0], work
 
 
-class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("d", [1, 4])
 def test_backward_never_builds_an_LxL_tensor(monkeypatch, d):
     """Forward and backward through autograd with a 1 MiB budget: no tensor
@@ -318,7 +305,7 @@ def test_backward_never_builds_an_LxL_tensor(monkeypatch, d):
     L = T + h * w
     q, k, v = _qkv(B, H, D, L, dtype=torch.float32)
     out = clear_attention(q, k, v, text_len=T, grid=(h, w), window=r, down_factor=d, backend="torch")
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         grads = _grads(out, [q, k, v])
     assert all(torch.isfinite(x).all() for x in grads)
     assert mode.largest < L * L / 8, (mode.largest, L * L)

@@ -263,35 +263,12 @@ def test_low_vram_lora_patches_apply_once_per_block_call(tiny, chunking, monkeyp
     model.detach()
 
 
-def _comfyui_gguf():
-    """ComfyUI-GGUF's ops (COMFYUI_GGUF_PATH: a checkout of city96/ComfyUI-GGUF)."""
-    from _gguf import import_comfyui_gguf
-    return import_comfyui_gguf().ops
-
-
 def test_gguf_weights_dequantize_once_per_block_call(tiny, chunking, monkeypatch):
     """A tiny FLUX on ComfyUI-GGUF's ops with Q8_0 block weights: chunked gives
     the unchunked result and dequantizes each layer once per block call."""
-    import comfy.model_patcher
-    import comfy.supported_models
+    from _gguf import tiny_gguf_flux
 
-    ops = _comfyui_gguf()  # skips, as the other GGUF tests do, without gguf or ComfyUI-GGUF
-    import gguf
-    dense = tiny.make_tiny_flux().model
-    config = comfy.supported_models.Flux(tiny.tiny_unet_config())
-    config.set_inference_dtype(torch.float32, torch.float32)
-    config.custom_operations = ops.GGMLOps
-    model = config.get_model({})
-    sd = {}
-    for key, value in dense.diffusion_model.state_dict().items():
-        if "blocks." in key and key.endswith(".weight") and value.dim() == 2:
-            q = gguf.quants.quantize(value.numpy(), gguf.GGMLQuantizationType.Q8_0)
-            value = ops.GGMLTensor(torch.from_numpy(q), tensor_type=gguf.GGMLQuantizationType.Q8_0,
-                                   tensor_shape=value.shape)
-        sd[key] = value
-    model.diffusion_model.load_state_dict(sd, strict=False)
-    cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(model, cpu, cpu)
+    patcher, ops = tiny_gguf_flux()  # skips, as the other GGUF tests do, without gguf or ComfyUI-GGUF
     counts = {}
     real = ops.GGMLLayer.get_weight
 

@@ -111,35 +111,14 @@ def test_chunked_equals_unchunked_under_dynamic_vram(comfyui):
 def test_gguf_unquantized_layers_under_weight_streaming(comfyui):
     """ComfyUI-GGUF: Q8_0 layers dequantize into their own tensors; its
     unquantized (F32) layers go through ComfyUI's cast, so through the streams."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    import flux_tiny
-    from _gguf import import_comfyui_gguf
+    from _gguf import tiny_gguf_flux
     from _streaming import weight_streaming
 
     from comfyui_clear.nodes import token_chunking
 
-    ops = import_comfyui_gguf().ops  # skips without gguf or ComfyUI-GGUF
-    import gguf
-    dense = flux_tiny.make_tiny_flux().model
-    config = comfy.supported_models.Flux(flux_tiny.tiny_unet_config())
-    config.set_inference_dtype(torch.float32, torch.float32)
-    config.custom_operations = ops.GGMLOps
-    model = config.get_model({})
-    sd = {}
-    for key, value in dense.diffusion_model.state_dict().items():
-        if "blocks." in key and key.endswith(".weight") and value.dim() == 2:
-            if key.endswith(("qkv.weight", "linear1.weight")):
-                q = gguf.quants.quantize(value.numpy(), gguf.GGMLQuantizationType.Q8_0)
-                value = ops.GGMLTensor(torch.from_numpy(q), tensor_type=gguf.GGMLQuantizationType.Q8_0,
-                                       tensor_shape=value.shape)
-            else:  # as the GGUF loader gives unquantized tensors
-                value = ops.GGMLTensor(value, tensor_type=gguf.GGMLQuantizationType.F32, tensor_shape=value.shape)
-        sd[key] = value
-    model.diffusion_model.load_state_dict(sd, strict=False)
-    cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(model, cpu, cpu)
-    dm = model.diffusion_model
+    patcher, _ = tiny_gguf_flux(quantized=lambda key: key.endswith(("qkv.weight", "linear1.weight")),
+                                unquantized_as_f32=True)
+    dm = patcher.model.diffusion_model
     inputs = _inputs()
     reference = _run(patcher, dm, inputs)
     with weight_streaming(2) as streaming:
