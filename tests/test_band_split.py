@@ -303,7 +303,8 @@ def test_core_multigpu_clones_run_the_bands(comfyui, monkeypatch, exchanges):
         got = flux_tiny.sample_one_step(split, latent, positive)
     finally:
         comfy.model_management.unload_all_models()
-    assert len(ran) == 2 and ran[0] is clear.model.diffusion_model and ran[1] is not ran[0]
+    # the bands run at once (the worker thread may record first): one on the main model, one on the clone
+    assert len(ran) == 2 and sum(flux is clear.model.diffusion_model for flux in ran) == 1 and ran[1] is not ran[0]
     assert _rel(got, want) < 1e-5 and [e.parts for e in exchanges] == [2]
     # the LoRA reached the clone: without it the result moves
     assert _rel(flux_tiny.sample_one_step(clear_patch.patch_model(flux_tiny.make_tiny_flux(), "none (training-free)",
