@@ -302,8 +302,10 @@ def save_trained_weights(path, tensors, *, fmt, window_size, down_factor, family
     for name, value in (("window_size", window_size), ("down_factor", down_factor), ("steps", steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "steps" else 1):
             bad(f"{name} must be an integer >= {0 if name == 'steps' else 1}, got {value!r}")
-    if not isinstance(family, str) or not family:
-        bad(f"family must be a model family name (e.g. 'flux1', 'flux2'), got {family!r}")
+    from .clear_patch import FAMILIES
+
+    if family not in FAMILIES:
+        bad(f"family must be one of {sorted(FAMILIES)} (clear_patch.flux_family of the model), got {family!r}")
     try:
         expected = trained_file_shapes(fingerprint, fmt, rank, down_factor)
     except ValueError as exc:
