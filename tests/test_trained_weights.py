@@ -393,3 +393,24 @@ def test_base_model_hash_of_gguf_quantized_weights(env):
     q2.reshape(-1)[5] ^= 1
     tensor2 = ops.GGMLTensor(torch.from_numpy(q2), tensor_type=gguf.GGMLQuantizationType.Q8_0, tensor_shape=value.shape)
     assert W._raw_bytes(tensor2)[0] != data
+
+
+def test_lora_file_on_a_gguf_model(env, tmp_path):
+    """ComfyUI-GGUF applies the CLEAR LoRA patches to its quantized q/k/v rows
+    right after dequantizing them: it samples like the float model with the same
+    file, within Q8_0's rounding, and far from training-free CLEAR."""
+    from _gguf import import_comfyui_gguf, tiny_gguf_flux
+
+    W, clear_patch = env
+    plain, _ = tiny_gguf_flux()  # skips without gguf / ComfyUI-GGUF
+    quantized = import_comfyui_gguf().nodes.GGUFModelPatcher.clone(plain)  # as its UnetLoaderGGUF does
+    dense = make_tiny_flux()
+    fingerprint = W.model_fingerprint(dense.model.diffusion_model)
+    assert W.model_fingerprint(quantized.model.diffusion_model) == fingerprint
+    path = save(W, tmp_path / "lora.safetensors", dense, trained_state(W, fingerprint, "lora", seed=12), "lora")
+    latent = torch.randn(1, 16, 10, 12, generator=torch.Generator().manual_seed(5))
+    out, expected, plain = (sample_one_step(m, latent, conditioning(6, seed=6), 0, inference_mode=True) for m in (
+        clear_patch.patch_model(quantized, path), clear_patch.patch_model(dense, path),
+        clear_patch.patch_model(quantized, W.TRAINING_FREE, 3, 1)))
+    assert rel(out, expected) < 2e-2, rel(out, expected)
+    assert rel(plain, expected) > 10 * rel(out, expected)
