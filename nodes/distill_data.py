@@ -206,21 +206,10 @@ class TeacherDataset:
 # Generation
 
 def _fingerprint(diffusion_model):
-    """The model's shape fingerprint as trained files record it (nodes/weights.py)."""
-    from . import weights
+    """The model's shape fingerprint as trained CLEAR files record it."""
+    from .weights import model_fingerprint
 
-    if hasattr(weights, "model_fingerprint"):
-        return weights.model_fingerprint(diffusion_model)
-    p = diffusion_model.params  # same string as weights.model_fingerprint, until that lands
-    bias = int(getattr(diffusion_model.double_blocks[0].img_attn.qkv, "bias", None) is not None)
-    return (f"hidden={p.hidden_size},heads={p.num_heads},double={len(diffusion_model.double_blocks)},"
-            f"single={len(diffusion_model.single_blocks)},bias={bias}")
-
-
-def _base_hash(model):
-    from . import weights
-
-    return weights.base_model_hash(model) if hasattr(weights, "base_model_hash") else None
+    return model_fingerprint(diffusion_model)
 
 
 def _teacher_model(model):
@@ -339,6 +328,8 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
     import comfy.model_management
     import comfy.sample
 
+    from .weights import base_model_hash
+
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise CLEARDataError("the prompt list is empty; give at least one prompt (one per line), or leave the "
@@ -358,7 +349,7 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
 
     folder = os.fspath(folder)
     info = _resume_index(folder, _index_info(family, _fingerprint(diffusion_model), width, height, latent_shape,
-                                             steps, guidance, count, _base_hash(model)))
+                                             steps, guidance, count, base_model_hash(model)))
     write_index(folder, info)
     done = set(sample_files(folder))
     todo = [i for i in range(count) if i not in done]
