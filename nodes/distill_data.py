@@ -307,6 +307,18 @@ def _resume_index(folder, new):
     return {**old, "count": max(int(old.get("count") or 0), new["count"])}
 
 
+PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill_prompts.txt")
+
+
+def prompt_list(text=""):
+    """The prompts of ``text``, one per line (blank lines and lines starting
+    with # skipped); empty ``text``: the shipped list (distill_prompts.txt)."""
+    if not text or not text.strip():
+        with open(PROMPTS_FILE, encoding="utf-8") as f:
+            text = f.read()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def _conditioning(clip, prompt, guidance):
     """[[context, {...}]] as CLIPTextEncode (+ FluxGuidance where the model takes guidance) make it."""
     cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
