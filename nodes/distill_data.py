@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 INDEX_FILE = "dataset.json"
 SAMPLE_RE = re.compile(r"^sample_(\d{6,})\.safetensors$")
+ENCODE_AHEAD = 16  # prompts encoded per text-encoder pass during generation
 DATASET_TYPE = "CLEAR_DATASET"  # ComfyUI type between the teacher-data node and the trainer: the folder path
 
 
@@ -331,7 +332,8 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
                           sampler_name="euler", scheduler="simple", progress=None):
     """Sample ``model`` (a ComfyUI MODEL, as the user connected it: no CLEAR)
     ``count`` times at width x height through ComfyUI's own sampler, sample i
-    with prompt ``prompts[i % len(prompts)]`` (encoded by ``clip``) and seed
+    with prompt ``prompts[i % len(prompts)]`` (a list, or text with one per
+    line; encoded by ``clip`` as CLIPTextEncode does) and seed
     ``seed + i``, cfg 1 and ``guidance`` for models with a guidance input;
     each sample goes to ``folder`` as it finishes. Samples already in the
     folder are kept (resume). Returns ``folder``."""
@@ -342,6 +344,8 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
 
     from .weights import base_model_hash
 
+    if isinstance(prompts, str):  # text, one prompt per line (as the node's input)
+        prompts = prompt_list(prompts) if prompts.strip() else []
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise CLEARDataError("the prompt list is empty; give at least one prompt (one per line), or leave the "
@@ -371,10 +375,13 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
              folder, width, height, steps, "no guidance input" if guidance is None else f"guidance {guidance:g}")
 
     start = time.monotonic()
+    conds = {}
     for n, i in enumerate(todo):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        prompt = prompts[i % len(prompts)]
-        cond = _conditioning(clip, prompt, guidance)
+        if i not in conds:  # the text encoder runs for the next ENCODE_AHEAD samples at once, so that where
+            conds = {j: _conditioning(clip, prompts[j % len(prompts)], guidance)  # it and the model do not
+                     for j in todo[n:n + ENCODE_AHEAD]}  # fit the GPU together they swap once per chunk
+        prompt, cond = prompts[i % len(prompts)], conds.pop(i)
         context, extra = cond[0][0], cond[0][1]
         pooled = extra.get("pooled_output") if pooled_used else None
         if pooled_used and pooled is None:
