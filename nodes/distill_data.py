@@ -222,8 +222,8 @@ def _teacher_model(model):
     diffusion_model = model.get_model_object("diffusion_model")
     if not isinstance(diffusion_model, comfy.ldm.flux.model.Flux):
         raise CLEARDataError(
-            f"CLEAR distillation needs a FLUX-class model (FLUX.1, FLUX.2 [dev] or Klein); got "
-            f"{type(diffusion_model).__name__}. Connect the output of a FLUX model loader.")
+            f"CLEAR distillation needs a FLUX-class model; got {type(diffusion_model).__name__} (FLUX.1, its "
+            "fine-tunes, FLUX.2 [dev] and Klein are FLUX-class). Connect the output of a FLUX model loader.")
     override = model.model_options.get("transformer_options", {}).get("optimized_attention_override")
     if _is_clear_override(override):
         raise CLEARDataError(
@@ -354,6 +354,9 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
         if not isinstance(value, int) or value < low:
             raise CLEARDataError(f"{name}={value!r} must be an integer of at least {low}.")
     diffusion_model = _teacher_model(model)
+    if clip is None or not hasattr(clip, "tokenize"):
+        raise CLEARDataError("the clip input holds no text encoder (a checkpoint without one?); load the model's "
+                             "text encoders (FLUX.1: DualCLIPLoader, type flux) and connect them.")
     family = _family(diffusion_model)
     latent_format = model.get_model_object("latent_format")
     ratio = getattr(latent_format, "spacial_downscale_ratio", 8)

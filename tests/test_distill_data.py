@@ -301,6 +301,12 @@ def test_refuses_bad_input(flux, tmp_path):
 
     with pytest.raises(D.CLEARDataError, match="CLEAR Attention Patch on it"):
         _generate(patch_model(flux, TRAINING_FREE), tmp_path)
+    not_flux = flux.clone()
+    not_flux.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))
+    with pytest.raises(D.CLEARDataError, match="needs a FLUX-class model; got Linear"):
+        _generate(not_flux, tmp_path)
+    with pytest.raises(D.CLEARDataError, match="no text encoder"):
+        D.generate_teacher_data(flux, None, PROMPTS, tmp_path, 1, SIZE, SIZE, 2, 3.5, 0)
     with pytest.raises(D.CLEARDataError, match="multiple of 16"):
         _generate(flux, tmp_path, width=120)
     with pytest.raises(D.CLEARDataError, match="prompt list is empty"):
