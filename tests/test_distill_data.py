@@ -2,7 +2,8 @@
 format on real safetensors files (round trip, every bad folder refused with one
 clear error), and generation through ComfyUI's real sampling on tiny FLUX
 models (a sample == sampling the same model directly, resume, mismatched resume,
-the user's model untouched)."""
+the user's model untouched), and the node queued through ComfyUI's executor
+into CLEAR Distill, as the workflow template runs it."""
 
 import json
 import os
@@ -343,20 +344,15 @@ class TestTinyClip:
         return (TinyClip(),)
 
 
-def test_node_through_the_executor(comfyui, tmp_path, monkeypatch):
-    import asyncio
-    import copy
-
-    import comfy.model_management
-    import execution
+def _ui(tmp_path, monkeypatch):
+    """ComfyUI's registry with ours and TestTinyClip, a tiny FLUX file in
+    diffusion_models, output/ under tmp_path; the teacher-data prompt."""
     import folder_paths
     import nodes
 
     import flux_tiny
-    from _comfy_server import execute, prompt_executor
-    from comfyui_clear.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from comfyui_clear.nodes import NODE_CLASS_MAPPINGS
 
-    assert NODE_DISPLAY_NAME_MAPPINGS["CLEARTeacherData"] == "CLEAR Distill: Teacher Data"
     models = tmp_path / "diffusion_models"
     models.mkdir()
     save_file(flux_tiny.make_tiny_flux(seed=3).model.diffusion_model.state_dict(), str(models / "tiny.safetensors"))
@@ -374,7 +370,22 @@ def test_node_through_the_executor(comfyui, tmp_path, monkeypatch):
             "model": ["1", 0], "clip": ["2", 0], "dataset_name": "tiny", "count": 2, "width": SIZE, "height": SIZE,
             "steps": 2, "guidance": 2.0, "seed": 40, "prompts": "\n".join(PROMPTS[:2])}},
     }
-    folder = tmp_path / "output" / "clear_teacher" / "tiny"
+    return prompt, tmp_path / "output" / "clear_teacher" / "tiny"
+
+
+def test_node_through_the_executor(comfyui, tmp_path, monkeypatch):
+    import asyncio
+    import copy
+
+    import comfy.model_management
+    import execution
+    import nodes
+
+    from _comfy_server import execute, prompt_executor
+    from comfyui_clear.nodes import NODE_DISPLAY_NAME_MAPPINGS
+
+    assert NODE_DISPLAY_NAME_MAPPINGS["CLEARTeacherData"] == "CLEAR Distill: Teacher Data"
+    prompt, folder = _ui(tmp_path, monkeypatch)
     executor = prompt_executor()
     try:
         valid = asyncio.run(execution.validate_prompt("test", prompt, None))
@@ -392,6 +403,40 @@ def test_node_through_the_executor(comfyui, tmp_path, monkeypatch):
         assert "3" not in execute(executor, copy.deepcopy(prompt))  # a sample missing: the node runs and fills the gap
         assert torch.equal(load_file(str(folder / "sample_000001.safetensors"))["latent"],
                            load_file(str(tmp_path / "direct" / "sample_000001.safetensors"))["latent"])
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+def test_teacher_data_into_clear_distill(comfyui, tmp_path, monkeypatch, request):
+    """The template's second step: the node's dataset output into CLEAR Distill
+    (one training step; tests/test_distill.py trains). The teacher data is
+    made beforehand, so the queued teacher node only finds it complete."""
+    import copy
+
+    import comfy.model_management
+    import nodes
+    from safetensors import safe_open
+
+    from _comfy_server import execute, prompt_executor
+
+    prompt, folder = _ui(tmp_path, monkeypatch)
+    _generate(nodes.UNETLoader().load_unet("tiny.safetensors", "default")[0], folder, count=2)
+    prompt["4"] = {"class_type": "CLEARDistill", "inputs": {
+        "model": ["1", 0], "dataset": ["3", 0], "output_name": str(tmp_path / "trained"), "window_size": 1,
+        "down_factor": 1, "mode": "lora", "rank": 2, "steps": 1, "batch_size": 1, "grad_accum": 1,
+        "optimizer": "adamw", "learning_rate": 1e-3, "loss_fm": 1.0, "loss_distill": 0.5, "loss_attn": 0.5,
+        "checkpoint_every": 0, "preview_every": 0, "seed": 0}}
+    import comfyui_version
+    if comfyui_version.__version__ == "0.3.64":  # strict: passes once fixed, and then fails until this goes
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "CLEARDistill (nodes/distill.py) on ComfyUI 0.3.64 with a UNETLoader model in the executor: "
+            "'Inference tensors cannot be saved for backward' in _checkpointed_block")))
+    executor = prompt_executor()
+    try:
+        execute(executor, copy.deepcopy(prompt))
+        with safe_open(str(tmp_path / "trained.safetensors"), framework="pt") as f:
+            assert f.metadata()["clear.family"] == "flux1"
+        assert {"3", "4"} <= set(execute(executor, copy.deepcopy(prompt)))  # queued again: nothing reruns
     finally:
         comfy.model_management.unload_all_models()
 
