@@ -398,13 +398,14 @@ class DistillLoss(torch.nn.Module):
         wrapped = set(student.weight_wrapper_patches)
         copied = _Copied()
         for module_name, module in flux.named_modules():
-            if not hasattr(module, "comfy_cast_weights"):
-                continue
-            for attr in ("weight", "bias"):
-                t = getattr(module, attr, None)
+            for attr, t in module.named_parameters(recurse=False):
                 key = f"diffusion_model.{module_name}.{attr}"
-                if isinstance(t, torch.Tensor) and t.is_inference() and key not in wrapped:
+                if not t.is_inference() or key in wrapped:
+                    continue
+                if hasattr(module, "comfy_cast_weights") and attr in ("weight", "bias"):
                     student.add_weight_wrapper(key, copied)
+                else:  # not cast by ComfyUI (e.g. RMSNorm scales of older versions): a normal copy, small
+                    student.add_object_patch(key, torch.nn.Parameter(t.clone(), requires_grad=False))
         self.__dict__["student"] = student  # a ModelPatcher: not a submodule
         self.__dict__["flux"] = flux
         self.attn_blocks = [i for i in range(len(flux.single_blocks)) if i % ATTN_LOSS_EVERY == 0]
@@ -416,12 +417,19 @@ class DistillLoss(torch.nn.Module):
 
         comfy.model_management.load_models_gpu([self.student], force_full_load=True)
         self.to(self.student.load_device)
+        # no gradients for the frozen weights (restored by unload): only the adapters train
+        self.__dict__["frozen"] = [p for p in self.student.model.parameters()
+                                   if p.requires_grad and not p.is_inference()]
+        for p in self.frozen:
+            p.requires_grad_(False)
         return self
 
     def unload(self):
         """Give the model back as ComfyUI found it (weight wrappers, object patches off)."""
         import comfy.model_management
 
+        for p in self.__dict__.pop("frozen", []):
+            p.requires_grad_(True)
         loaded = comfy.model_management.current_loaded_models
         for i in reversed(range(len(loaded))):
             if loaded[i].model is self.student:

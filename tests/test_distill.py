@@ -286,7 +286,7 @@ def test_training_beats_training_free_and_the_file_reproduces_the_student(comfyu
             loss.unload()
     comfy.model_management.load_models_gpu([trained])
     opts = dict(trained.model_options["transformer_options"], wrappers=trained.wrappers)
-    with torch.no_grad():
+    with torch.no_grad(), distill.training_mode():  # the same RoPE kernel as the trainer's passes
         denoised = trained.model.apply_model(x_t, batch["sigma"], transformer_options=opts, **args)
     torch.testing.assert_close(x_t - sv * v, denoised, rtol=0, atol=1e-6)
 
