@@ -87,7 +87,8 @@ class DistillSettings:
             value = getattr(self, name) if value is None else value
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            out_of_range = value < low or (high is not None and value > high) if isinstance(value, int) else True
+            if isinstance(value, bool) or out_of_range:
                 bound = f"between {low} and {high}" if high is not None else f">= {low}"
                 raise CLEARDistillError(f"{name} must be a whole number {bound}, got {value!r}.")
             setattr(self, name, value)
@@ -96,7 +97,8 @@ class DistillSettings:
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or value < low or (strict and value == low):
-                raise CLEARDistillError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}.")
+                bound = f"{'>' if strict else '>='} {low}"
+                raise CLEARDistillError(f"{name} must be a finite number {bound}, got {value!r}.")
             setattr(self, name, float(value))
 
         if self.mode not in MODES:
@@ -153,7 +155,8 @@ def trainable_parameter_set(diffusion_model):
         out.append(("double", i, "out", f"{key}.proj", (0, hidden)))
     for i in range(len(diffusion_model.single_blocks)):
         for n, proj in enumerate("qkv"):
-            out.append(("single", i, proj, f"diffusion_model.single_blocks.{i}.linear1", (n * hidden, (n + 1) * hidden)))
+            key = f"diffusion_model.single_blocks.{i}.linear1"
+            out.append(("single", i, proj, key, (n * hidden, (n + 1) * hidden)))
     return out
 
 
@@ -372,7 +375,8 @@ class DistillLoss(torch.nn.Module):
             fan_in = module.weight.shape[1]
             if self.mode == "lora":
                 r = settings.rank
-                self.lora[name + "_down"] = torch.nn.Parameter(torch.randn(r, fan_in, generator=gen) / math.sqrt(fan_in))
+                down = torch.randn(r, fan_in, generator=gen) / math.sqrt(fan_in)
+                self.lora[name + "_down"] = torch.nn.Parameter(down)
                 self.lora[name + "_up"] = torch.nn.Parameter(torch.zeros(rows[1] - rows[0], r))
             else:
                 self.ready = False
@@ -536,7 +540,8 @@ class DistillLoss(torch.nn.Module):
         mse = torch.nn.functional.mse_loss
         parts = {"fm": mse(v_s, noise - x0), "distill": mse(v_s, v_t)}
         if attn_t is not None:
-            parts["attn"] = torch.stack([mse(attn_s[i].to(self.dtype), attn_t[i].to(self.dtype)) for i in self.attn_blocks]).mean()
+            parts["attn"] = torch.stack([mse(attn_s[i].to(self.dtype), attn_t[i].to(self.dtype))
+                                         for i in self.attn_blocks]).mean()
         else:
             parts["attn"] = v_s.new_zeros(())
         loss = s.loss_fm * parts["fm"] + s.loss_distill * parts["distill"] + s.loss_attn * parts["attn"]
