@@ -288,7 +288,8 @@ def test_training_beats_training_free_and_the_file_reproduces_the_student(comfyu
     opts = dict(trained.model_options["transformer_options"], wrappers=trained.wrappers)
     with torch.no_grad(), distill.training_mode():  # the same RoPE kernel as the trainer's passes
         denoised = trained.model.apply_model(x_t, batch["sigma"], transformer_options=opts, **args)
-    torch.testing.assert_close(x_t - sv * v, denoised, rtol=0, atol=1e-6)
+    # bit-equal on 0.33.0; 0.3.64 patches weights in another float32 order (measured <= 2.4e-6 on outputs ~5)
+    torch.testing.assert_close(x_t - sv * v, denoised, rtol=0, atol=1e-5)
 
 
 def test_interrupt_and_resume_equal_an_uninterrupted_run(comfyui, tmp_path, monkeypatch):
@@ -446,5 +447,5 @@ def test_lora_file_reproduces_the_student(comfyui, tmp_path):
         with torch.no_grad(), distill.training_mode():
             outs.append(m.model.apply_model(x_t, batch["sigma"], c_crossattn=batch["context"], y=batch["pooled"],
                                             guidance=batch["guidance"], transformer_options=opts))
-    torch.testing.assert_close(x_t - sv * v, outs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(x_t - sv * v, outs[0], rtol=0, atol=1e-5)  # as in the full-mode round trip
     assert (outs[0] - outs[1]).abs().max() > 1e-3
