@@ -222,14 +222,13 @@ def _refuse_untrainable(model, diffusion_model, items):
                 "CLEAR Distill cannot train on a GGUF model (ComfyUI-GGUF's quantized weights have no gradients "
                 "path and cannot be dequantized per step at training speed). Load the same model as "
                 "safetensors (bf16, or fp8 with the fp8 weight dtype) with ComfyUI's diffusion model loader.")
-    from .clear_patch import WRAPPER_KEY, _is_clear_override
+    from .clear_patch import _is_clear_override
 
     options = model.model_options.get("transformer_options", {})
     if _is_clear_override(options.get("optimized_attention_override")):
         raise CLEARDistillError(
             "CLEAR Distill got a model that already runs the CLEAR Attention Patch: the teacher must be the "
             "model's own dense attention. Connect the model from before the CLEAR Attention Patch.")
-    del WRAPPER_KEY
 
 
 # ---------------------------------------------------------------------------
