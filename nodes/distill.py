@@ -87,7 +87,8 @@ class DistillSettings:
             value = getattr(self, name) if value is None else value
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            out_of_range = value < low or (high is not None and value > high) if isinstance(value, int) else True
+            if isinstance(value, bool) or out_of_range:
                 bound = f"between {low} and {high}" if high is not None else f">= {low}"
                 raise CLEARDistillError(f"{name} must be a whole number {bound}, got {value!r}.")
             setattr(self, name, value)
@@ -96,7 +97,8 @@ class DistillSettings:
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or value < low or (strict and value == low):
-                raise CLEARDistillError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}.")
+                bound = f"{'>' if strict else '>='} {low}"
+                raise CLEARDistillError(f"{name} must be a finite number {bound}, got {value!r}.")
             setattr(self, name, float(value))
 
         if self.mode not in MODES:
@@ -153,7 +155,8 @@ def trainable_parameter_set(diffusion_model):
         out.append(("double", i, "out", f"{key}.proj", (0, hidden)))
     for i in range(len(diffusion_model.single_blocks)):
         for n, proj in enumerate("qkv"):
-            out.append(("single", i, proj, f"diffusion_model.single_blocks.{i}.linear1", (n * hidden, (n + 1) * hidden)))
+            key = f"diffusion_model.single_blocks.{i}.linear1"
+            out.append(("single", i, proj, key, (n * hidden, (n + 1) * hidden)))
     return out
 
 
@@ -219,14 +222,13 @@ def _refuse_untrainable(model, diffusion_model, items):
                 "CLEAR Distill cannot train on a GGUF model (ComfyUI-GGUF's quantized weights have no gradients "
                 "path and cannot be dequantized per step at training speed). Load the same model as "
                 "safetensors (bf16, or fp8 with the fp8 weight dtype) with ComfyUI's diffusion model loader.")
-    from .clear_patch import WRAPPER_KEY, _is_clear_override
+    from .clear_patch import _is_clear_override
 
     options = model.model_options.get("transformer_options", {})
     if _is_clear_override(options.get("optimized_attention_override")):
         raise CLEARDistillError(
             "CLEAR Distill got a model that already runs the CLEAR Attention Patch: the teacher must be the "
             "model's own dense attention. Connect the model from before the CLEAR Attention Patch.")
-    del WRAPPER_KEY
 
 
 # ---------------------------------------------------------------------------
@@ -372,7 +374,8 @@ class DistillLoss(torch.nn.Module):
             fan_in = module.weight.shape[1]
             if self.mode == "lora":
                 r = settings.rank
-                self.lora[name + "_down"] = torch.nn.Parameter(torch.randn(r, fan_in, generator=gen) / math.sqrt(fan_in))
+                down = torch.randn(r, fan_in, generator=gen) / math.sqrt(fan_in)
+                self.lora[name + "_down"] = torch.nn.Parameter(down)
                 self.lora[name + "_up"] = torch.nn.Parameter(torch.zeros(rows[1] - rows[0], r))
             else:
                 self.ready = False
@@ -398,13 +401,14 @@ class DistillLoss(torch.nn.Module):
         wrapped = set(student.weight_wrapper_patches)
         copied = _Copied()
         for module_name, module in flux.named_modules():
-            if not hasattr(module, "comfy_cast_weights"):
-                continue
-            for attr in ("weight", "bias"):
-                t = getattr(module, attr, None)
+            for attr, t in module.named_parameters(recurse=False):
                 key = f"diffusion_model.{module_name}.{attr}"
-                if isinstance(t, torch.Tensor) and t.is_inference() and key not in wrapped:
+                if not t.is_inference() or key in wrapped:
+                    continue
+                if hasattr(module, "comfy_cast_weights") and attr in ("weight", "bias"):
                     student.add_weight_wrapper(key, copied)
+                else:  # not cast by ComfyUI (e.g. RMSNorm scales of older versions): a normal copy, small
+                    student.add_object_patch(key, torch.nn.Parameter(t.clone(), requires_grad=False))
         self.__dict__["student"] = student  # a ModelPatcher: not a submodule
         self.__dict__["flux"] = flux
         self.attn_blocks = [i for i in range(len(flux.single_blocks)) if i % ATTN_LOSS_EVERY == 0]
@@ -416,12 +420,19 @@ class DistillLoss(torch.nn.Module):
 
         comfy.model_management.load_models_gpu([self.student], force_full_load=True)
         self.to(self.student.load_device)
+        # no gradients for the frozen weights (restored by unload): only the adapters train
+        self.__dict__["frozen"] = [p for p in self.student.model.parameters()
+                                   if p.requires_grad and not p.is_inference()]
+        for p in self.frozen:
+            p.requires_grad_(False)
         return self
 
     def unload(self):
         """Give the model back as ComfyUI found it (weight wrappers, object patches off)."""
         import comfy.model_management
 
+        for p in self.__dict__.pop("frozen", []):
+            p.requires_grad_(True)
         loaded = comfy.model_management.current_loaded_models
         for i in reversed(range(len(loaded))):
             if loaded[i].model is self.student:
@@ -528,7 +539,8 @@ class DistillLoss(torch.nn.Module):
         mse = torch.nn.functional.mse_loss
         parts = {"fm": mse(v_s, noise - x0), "distill": mse(v_s, v_t)}
         if attn_t is not None:
-            parts["attn"] = torch.stack([mse(attn_s[i].to(self.dtype), attn_t[i].to(self.dtype)) for i in self.attn_blocks]).mean()
+            parts["attn"] = torch.stack([mse(attn_s[i].to(self.dtype), attn_t[i].to(self.dtype))
+                                         for i in self.attn_blocks]).mean()
         else:
             parts["attn"] = v_s.new_zeros(())
         loss = s.loss_fm * parts["fm"] + s.loss_distill * parts["distill"] + s.loss_attn * parts["attn"]
