@@ -26,6 +26,7 @@ a file that is not exactly a CLEAR file for this model must not half-apply.
 """
 
 import logging
+import math
 import os
 import re
 import uuid
@@ -152,6 +153,202 @@ def resolve_weight_file(name):
     raise CLEARWeightsError(
         f"CLEAR weight file '{name}' was not found in {folders}. Put it in one of those folders "
         f"or pick one of the published files ({', '.join(PUBLISHED)}), which download on first use.")
+
+
+# ---------------------------------------------------------------------------
+# Trained files (CLEAR Distill's output): names, fingerprint, writing
+
+TRAINED_FORMATS = ("full", "lora")
+PROJECTIONS = {"double": ("to_q", "to_k", "to_v", "to_out.0"), "single": ("to_q", "to_k", "to_v")}
+_BLOCK_NAMES = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
+_LORA_PATTERN = re.compile(
+    r"(?P<kind>transformer_blocks|single_transformer_blocks)\.(?P<index>\d+)\.attn\."
+    r"(?P<proj>to_q|to_k|to_v|to_out\.0)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
+_FINGERPRINT_FIELDS = ("hidden", "heads", "double", "single", "bias")
+
+
+def file_prefix(kind, index, proj):
+    """Key prefix of one projection in a CLEAR file: ``file_prefix("double", 3, "to_q")``
+    -> ``transformer_blocks.3.attn.to_q`` (``proj`` one of PROJECTIONS[kind])."""
+    if proj not in PROJECTIONS[kind]:
+        raise ValueError(f"{kind} blocks have no CLEAR projection {proj!r} (one of {PROJECTIONS[kind]})")
+    return f"{_BLOCK_NAMES[kind]}.{index}.attn.{proj}"
+
+
+def model_fingerprint(diffusion_model):
+    """The shape of a FLUX-class model as far as CLEAR files depend on it:
+    ``"hidden=3072,heads=24,double=19,single=38,bias=1"`` (FLUX.1-dev; bias: the
+    attention projections have biases)."""
+    qkv = diffusion_model.double_blocks[0].img_attn.qkv
+    bias = int(getattr(qkv, "bias", None) is not None)
+    return (f"hidden={diffusion_model.hidden_size},heads={diffusion_model.num_heads},"
+            f"double={len(diffusion_model.double_blocks)},single={len(diffusion_model.single_blocks)},bias={bias}")
+
+
+def parse_fingerprint(fingerprint):
+    """{"hidden": 3072, ...} from a model_fingerprint string; ValueError if malformed."""
+    try:
+        fields = dict(part.split("=", 1) for part in fingerprint.split(","))
+        parsed = {name: int(fields[name]) for name in _FINGERPRINT_FIELDS}
+    except (AttributeError, KeyError, ValueError):
+        raise ValueError(f"not a CLEAR model fingerprint: {fingerprint!r} "
+                         "(expected 'hidden=H,heads=N,double=D,single=S,bias=0|1')") from None
+    if set(fields) != set(_FINGERPRINT_FIELDS):
+        raise ValueError(f"not a CLEAR model fingerprint: {fingerprint!r} (fields {sorted(fields)})")
+    return parsed
+
+
+def _raw_bytes(tensor):
+    """(bytes, description) of a weight as stored: fp8 through a uint8 view, a
+    ComfyUI-GGUF quantized tensor as its raw blocks, a comfy_quant
+    QuantizedTensor as its data plus scale. Same weights -> same bytes."""
+    parts, extra = [], ""
+    qdata = getattr(tensor, "_qdata", None)
+    if qdata is not None:  # comfy_quant (ComfyUI 0.33 "fp8 scaled"): raw fp8 + per-layer scale
+        scale = getattr(getattr(tensor, "_params", None), "scale", None)
+        parts.append(qdata)
+        if isinstance(scale, torch.Tensor):
+            parts.append(scale)
+        extra = type(tensor).__name__
+    else:
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):  # GGMLTensor: raw quantized blocks
+            extra = f"{type(tensor).__name__}:{getattr(tensor, 'tensor_type', '')}"
+        parts.append(torch.Tensor.as_subclass(tensor.detach(), torch.Tensor))
+    blobs = []
+    for part in parts:
+        part = torch.Tensor.as_subclass(part.detach(), torch.Tensor).to("cpu").contiguous().reshape(-1)
+        blobs.append(part.view(torch.uint8).numpy().tobytes() if part.numel() else b"")
+    return b"".join(blobs), f"{tuple(tensor.shape)}|{tensor.dtype}|{extra}"
+
+
+def base_model_hash(model_patcher):
+    """16 hex digits identifying the base weights: sha256 over ``img_in.weight``
+    and ``final_layer.linear.weight`` (bytes as stored, shape, dtype). Cheap (two
+    small layers), changes with a fine-tune or another quantization. Weights
+    ComfyUI has patched in place (a loaded LoRA) hash as their backed-up originals."""
+    import hashlib
+
+    import comfy.utils
+
+    digest = hashlib.sha256()
+    for key in ("diffusion_model.img_in.weight", "diffusion_model.final_layer.linear.weight"):
+        backup = getattr(model_patcher, "backup", {}).get(key)
+        tensor = backup.weight if backup is not None else comfy.utils.get_attr(model_patcher.model, key)
+        data, description = _raw_bytes(tensor)
+        digest.update(key.encode() + b"\0" + description.encode() + b"\0")
+        digest.update(data)
+    return digest.hexdigest()[:16]
+
+
+def trained_file_shapes(fingerprint, fmt, rank=None, down_factor=1):
+    """Key -> shape of every tensor a trained file for a model of this
+    fingerprint holds (the loader's layout; the trainer can name its tensors
+    with it). full: q/k/v(/out) weights, biases where the model has them;
+    lora: lora_down (r, in), lora_up (out, r), alpha (); plus a spatial_weight
+    (1, 1, 1, d, 1, d, 1) per layer when down_factor d > 1."""
+    shape = parse_fingerprint(fingerprint)
+    hidden, d = shape["hidden"], down_factor
+    if fmt not in TRAINED_FORMATS:
+        raise ValueError(f"format must be one of {TRAINED_FORMATS}, got {fmt!r}")
+    if fmt == "lora" and not (isinstance(rank, int) and 1 <= rank <= hidden):
+        raise ValueError(f"a LoRA file needs a rank between 1 and {hidden}, got {rank!r}")
+    shapes = {}
+    for kind in ("double", "single"):
+        for i in range(shape[kind]):
+            for proj in PROJECTIONS[kind]:
+                prefix = file_prefix(kind, i, proj)
+                if fmt == "full":
+                    shapes[prefix + ".weight"] = (hidden, hidden)
+                    if shape["bias"]:
+                        shapes[prefix + ".bias"] = (hidden,)
+                else:
+                    shapes[prefix + ".lora_down.weight"] = (rank, hidden)
+                    shapes[prefix + ".lora_up.weight"] = (hidden, rank)
+                    shapes[prefix + ".alpha"] = ()
+            if d > 1:
+                shapes[f"{_BLOCK_NAMES[kind]}.{i}.attn.processor.spatial_weight"] = (1, 1, 1, d, 1, d, 1)
+    return shapes
+
+
+def _trainer_version():
+    try:
+        from importlib.metadata import version
+
+        return version("comfyui-clear")
+    except Exception:  # not installed as a package (a custom_nodes checkout): pyproject's version
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+        try:
+            with open(path, encoding="utf-8") as f:
+                match = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)
+            return match.group(1) if match else "unknown"
+        except OSError:
+            return "unknown"
+
+
+def save_trained_weights(path, tensors, *, fmt, window_size, down_factor, family, fingerprint, base_hash, steps,
+                         final_loss, rank=None, alpha=None):
+    """Write a trained CLEAR file (safetensors, with its clear.* metadata) atomically:
+    a temporary file in the same folder, then os.replace, so a crash never leaves
+    a half-written file the patch node would list. ``tensors`` must be exactly
+    trained_file_shapes(fingerprint, fmt, rank, down_factor) (checked first,
+    nothing is written otherwise); they are stored contiguous on the CPU in their
+    dtype (alpha as float32). Returns ``path``."""
+    from safetensors.torch import save_file
+
+    def bad(problem):
+        raise ValueError(f"save_trained_weights({path!r}): {problem}")
+
+    for name, value in (("window_size", window_size), ("down_factor", down_factor), ("steps", steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "steps" else 1):
+            bad(f"{name} must be an integer >= {0 if name == 'steps' else 1}, got {value!r}")
+    if not isinstance(family, str) or not family:
+        bad(f"family must be a model family name (e.g. 'flux1', 'flux2'), got {family!r}")
+    try:
+        expected = trained_file_shapes(fingerprint, fmt, rank, down_factor)
+    except ValueError as exc:
+        bad(str(exc))
+    if fmt == "lora":
+        alpha = float(rank if alpha is None else alpha)
+    elif alpha is not None or rank is not None:
+        bad("rank and alpha are LoRA settings; a full file has neither")
+    if missing := sorted(set(expected) - set(tensors)):
+        bad(f"{len(missing)} tensor(s) missing, e.g. {missing[:3]}")
+    if extra := sorted(set(tensors) - set(expected)):
+        bad(f"{len(extra)} tensor(s) a {fmt} file for {fingerprint} does not have, e.g. {extra[:3]}")
+    out = {}
+    for key, shape in expected.items():
+        t = tensors[key]
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor(t, dtype=torch.float32)
+        if tuple(t.shape) != shape:
+            bad(f"'{key}' has shape {tuple(t.shape)}, expected {shape}")
+        if not t.is_floating_point() or not _all_finite(t.detach()):
+            bad(f"'{key}' is not finite floating point data")
+        t = t.detach().to("cpu")
+        if key.endswith(".alpha"):
+            if not math.isclose(float(t), alpha, rel_tol=1e-6):
+                bad(f"'{key}' = {float(t)} but alpha = {alpha}")
+            t = t.to(torch.float32)
+        out[key] = t.contiguous().clone()  # no shared storage (views of one fused matrix): safetensors refuses it
+    if not (isinstance(final_loss, (int, float)) and math.isfinite(final_loss)):
+        bad(f"final_loss must be a finite number, got {final_loss!r}")
+    metadata = {"clear.format": fmt, "clear.window_size": str(window_size), "clear.down_factor": str(down_factor),
+                "clear.family": family, "clear.fingerprint": fingerprint, "clear.base_model": str(base_hash),
+                "clear.steps": str(steps), "clear.final_loss": repr(float(final_loss)),
+                "clear.trainer": f"comfyui-clear {_trainer_version()}"}
+    if fmt == "lora":
+        metadata.update({"clear.rank": str(rank), "clear.alpha": repr(alpha)})
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        save_file(out, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 # ---------------------------------------------------------------------------
