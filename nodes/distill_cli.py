@@ -329,7 +329,7 @@ def _console(rank, verbose):
     """Rank 0 logs at INFO with a console progress line; other ranks warnings only."""
     level = logging.DEBUG if verbose else logging.INFO
     fmt = "%(asctime)s %(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s"
-    logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, datefmt="%H:%M:%S")
 
 
 def _progress_hook(label):
@@ -422,10 +422,13 @@ def run_train(args, folder_paths, world):
 
 
 def main(argv=None):
-    """Returns the exit status: 0 done, 1 a setting to fix, 130 interrupted."""
+    """Returns the exit status: 0 done, 1 a setting to fix, 130 interrupted.
+    ``argv`` None: the process's command line, and logging to the console (a
+    caller passing ``argv`` keeps its own logging)."""
     args = build_parser().parse_args(argv)
     rank, world, _ = distributed_context()
-    _console(rank, args.verbose)
+    if argv is None:
+        _console(rank, args.verbose)
     try:
         _check_args(args)
         import torch
@@ -437,11 +440,15 @@ def main(argv=None):
             import comfy.model_management
             import comfy.utils
 
+            hook = comfy.utils.PROGRESS_BAR_HOOK
             if rank == 0:
                 comfy.utils.set_progress_bar_global_hook(_progress_hook(args.command))
-            with interrupt_on_ctrl_c():
-                run = run_teacher_data if args.command == "teacher-data" else run_train
-                run(args, folder_paths, world)
+            try:
+                with interrupt_on_ctrl_c():
+                    run = run_teacher_data if args.command == "teacher-data" else run_train
+                    run(args, folder_paths, world)
+            finally:
+                comfy.utils.set_progress_bar_global_hook(hook)
     except CLEARCommandLineError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1

@@ -1,0 +1,228 @@
+"""The distillation command line (nodes/distill_cli.py): --help without
+ComfyUI, one clear message per bad argument, both subcommands end to end on
+the CPU through ComfyUI's own loaders (tiny FLUX.1 and tiny real text
+encoders, see tests/_distill_cli_tiny.py), and several processes under a real
+torchrun (gloo) training the same weights as one process at twice the batch."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+CLI_FILE = os.path.join(REPO, "nodes", "distill_cli.py")
+LAUNCHER = os.path.join(TESTS, "_distill_cli_tiny.py")
+PYPATH = os.path.join(REPO, ".pypath")  # comfyui_clear -> this checkout (as in the README's test command)
+PROMPTS = ["a red fox in snow", "a lighthouse at dusk", "a bowl of ramen, top view", "an old map on a desk"]
+# train settings shared by the single-process and the torchrun run (tiny, fast)
+TRAIN = ["--steps", "2", "--mode", "lora", "--rank", "4", "--window-size", "2", "--optimizer", "adamw",
+         "--learning-rate", "1e-2", "--checkpoint-every", "100", "--preview-every", "100", "--seed", "7"]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    env["PYTHONPATH"] = os.pathsep.join([PYPATH, TESTS])
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+# ---------------------------------------------------------------- no ComfyUI needed
+
+@pytest.mark.parametrize("how", ["file", "module"])
+def test_help_needs_no_comfyui(tmp_path, how):
+    """--help of both subcommands in a process where ComfyUI is not importable:
+    as a file inside the pack (no package on the path) and as a module."""
+    sub = "teacher-data" if how == "file" else "train"
+    cmd = [sys.executable, CLI_FILE] if how == "file" else [sys.executable, "-m", "comfyui_clear.nodes.distill_cli"]
+    env = _env()
+    if how == "file":
+        env.pop("PYTHONPATH")
+    r = subprocess.run(cmd + [sub, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--model" in r.stdout and "--comfyui" in r.stdout
+    assert ("--clip" in r.stdout) == (sub == "teacher-data") and ("--grad-accum" in r.stdout) == (sub == "train")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "m", "--dataset", "d", "--output", "o", "--rank", "0"], "--rank must be at least 1"),
+    (["train", "--model", "m", "--dataset", "d", "--output", "o", "--loss-attn", "-1"], "--loss-attn cannot be"),
+    (["teacher-data", "--model", "m", "--dataset", "d", "--clip", "a", "--width", "1000"], "multiples of 16"),
+    (["teacher-data", "--model", "m", "--dataset", "d", "--clip", "a", "b", "c"], "one text encoder file"),
+    (["train", "--model", "m", "--dataset", "d", "--output", "o", "--comfyui", "/nonexistent"],
+     "is not a ComfyUI checkout"),
+])
+def test_bad_arguments_one_message(capsys, argv, message):
+    from comfyui_clear.nodes import distill_cli
+
+    assert distill_cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_finds_comfyui_from_custom_nodes(tmp_path, monkeypatch):
+    """The pack inside <ComfyUI>/custom_nodes/ needs no --comfyui; --comfyui wins; else COMFYUI_PATH."""
+    from comfyui_clear.nodes import distill_cli
+
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "comfy").mkdir(parents=True)
+    (comfy / "comfy" / "model_patcher.py").write_text("")
+    pack = comfy / "custom_nodes" / "ComfyUI-CLEAR"
+    pack.mkdir(parents=True)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setattr(distill_cli, "PACK_ROOT", str(pack))
+    assert distill_cli.find_comfyui(None) == str(comfy)
+    monkeypatch.setattr(distill_cli, "PACK_ROOT", str(tmp_path / "elsewhere"))
+    with pytest.raises(distill_cli.CLEARCommandLineError, match="--comfyui PATH"):
+        distill_cli.find_comfyui(None)
+    monkeypatch.setenv("COMFYUI_PATH", str(comfy))
+    assert distill_cli.find_comfyui(None) == str(comfy)
+
+
+def test_dataset_names_and_paths(comfyui, tmp_path):
+    import folder_paths
+
+    from comfyui_clear.nodes import distill_cli
+
+    assert distill_cli.dataset_folder("mine") == os.path.join(folder_paths.get_output_directory(), "clear_teacher",
+                                                              "mine")
+    assert distill_cli.dataset_folder(str(tmp_path / "x")) == str(tmp_path / "x")
+
+
+def test_ctrl_c_is_comfyuis_interrupt(comfyui):
+    """First Ctrl-C sets ComfyUI's interrupt (the trainer checkpoints and stops at
+    its next step); the second aborts; the previous handler comes back."""
+    import comfy.model_management as mm
+
+    from comfyui_clear.nodes import distill_cli
+
+    before = signal.getsignal(signal.SIGINT)
+    with distill_cli.interrupt_on_ctrl_c():
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(mm.InterruptProcessingException):
+            mm.throw_exception_if_processing_interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def files(comfyui, tmp_path_factory):
+    """Tiny model, tiny real text encoders, a prompt list; ComfyUI's loaders patched to accept them."""
+    import _distill_cli_tiny as tiny
+
+    base = tmp_path_factory.mktemp("distill_cli")
+    monkeypatch = pytest.MonkeyPatch()
+    tiny.install(monkeypatch)
+    prompts = base / "prompts.txt"
+    prompts.write_text("# a comment line\n" + "\n".join(PROMPTS) + "\n\n")
+    yield dict(base=base, model=tiny.write_tiny_flux(base / "flux_tiny.safetensors"),
+               clip=tiny.write_tiny_text_encoders(str(base)), prompts=str(prompts))
+    monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def dataset(files):
+    """teacher-data through the command line (in-process)."""
+    from comfyui_clear.nodes import distill_cli
+
+    folder = files["base"] / "teacher"
+    argv = ["teacher-data", "--comfyui", os.environ["COMFYUI_PATH"], "--cpu", "--model", files["model"],
+            "--clip", *files["clip"], "--prompts", files["prompts"], "--dataset", str(folder), "--count", "4",
+            "--width", "128", "--height", "128", "--steps", "2", "--guidance", "3.5", "--seed", "11"]
+    assert distill_cli.main(argv) == 0
+    return folder
+
+
+def test_teacher_data_end_to_end(files, dataset):
+    """The folder holds what the node would write: the prompts in order, seeds
+    seed + i, the run's settings, and the conditioning of ComfyUI's own text
+    encoders as loaded from the files."""
+    import comfy.sd
+
+    from comfyui_clear.nodes.distill_data import TeacherDataset
+
+    data = TeacherDataset(str(dataset))
+    assert len(data) == 4 and data.family == "flux1" and tuple(data.latent_shape) == (16, 16, 16)
+    clip = comfy.sd.load_clip(files["clip"], clip_type=comfy.sd.CLIPType.FLUX)
+    for i in range(4):
+        s = data[i]
+        assert (s["prompt"], s["seed"], s["guidance"]) == (PROMPTS[i], 11 + i, 3.5)
+        context, pooled = clip.encode_from_tokens(clip.tokenize(PROMPTS[i]), return_pooled=True)
+        torch.testing.assert_close(s["context"].reshape(context.shape), context.float())
+        torch.testing.assert_close(s["pooled"].reshape(pooled.shape), pooled.float())
+        assert torch.isfinite(s["latent"]).all() and s["latent"].std() > 0
+
+
+def test_teacher_data_wrong_text_encoder_count(files, capsys):
+    from comfyui_clear.nodes import distill_cli
+
+    argv = ["teacher-data", "--cpu", "--model", files["model"], "--clip", files["clip"][0],
+            "--dataset", str(files["base"] / "unused")]
+    assert distill_cli.main(argv) == 1
+    assert "needs 2 text encoder file(s)" in capsys.readouterr().err
+
+
+def test_missing_model_file(files, capsys):
+    from comfyui_clear.nodes import distill_cli
+
+    argv = ["train", "--cpu", "--model", "no_such_model.safetensors", "--dataset", "x", "--output", "o"]
+    assert distill_cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "'no_such_model.safetensors' not found" in err and "models/diffusion_models" in err
+
+
+def _read_weights(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.fixture(scope="module")
+def single_run(files, dataset):
+    """train through the command line, one process, batch 2."""
+    from comfyui_clear.nodes import distill_cli
+
+    out = files["base"] / "single" / "tiny_clear"
+    argv = ["train", "--cpu", "--model", files["model"], "--dataset", str(dataset), "--output", str(out),
+            "--batch-size", "2", *TRAIN]
+    assert distill_cli.main(argv) == 0
+    return _read_weights(str(out) + ".safetensors")
+
+
+def test_train_end_to_end(single_run):
+    tensors, meta = single_run
+    assert meta["clear.steps"] == "2" and meta["clear.family"] == "flux1" and meta["clear.rank"] == "4"
+    assert any(k.endswith(".lora_up.weight") and v.abs().max() > 0 for k, v in tensors.items())
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_equal_one_at_twice_the_batch(files, dataset, single_run):
+    """torchrun --nproc_per_node 2 (gloo, 127.0.0.1), batch 1 per process ==
+    one process at batch 2: same trained weights after 2 steps. Tolerance:
+    float32 rounding of DDP's gradient all-reduce (sum order) through AdamW."""
+    out = files["base"] / "ddp" / "tiny_clear"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), LAUNCHER,
+           "train", "--cpu", "--model", files["model"], "--dataset", str(dataset), "--output", str(out),
+           "--batch-size", "1", *TRAIN]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(COMFYUI_PATH=os.environ["COMFYUI_PATH"]), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    tensors, meta = _read_weights(str(out) + ".safetensors")
+    single, single_meta = single_run
+    assert sorted(tensors) == sorted(single) and meta["clear.steps"] == single_meta["clear.steps"]
+    for key, value in tensors.items():
+        torch.testing.assert_close(value, single[key], rtol=1e-4, atol=1e-5, msg=key)
