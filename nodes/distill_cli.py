@@ -115,7 +115,7 @@ def build_parser():
                     "torchrun --nproc_per_node N ... train ...: the batch size is per GPU.")
     common(train)
     train.add_argument("--output", required=True, metavar="NAME",
-                       help="output file name in models/clear (without .safetensors); a path puts it in that folder")
+                       help="output file name in models/clear (.safetensors added); a path with a folder is used as given")
     train.add_argument("--vae", metavar="FILE", help="VAE (models/vae or a path): enables the previews")
     train.add_argument("--window-size", type=int, default=16, help="CLEAR radius in latent tokens")
     train.add_argument("--down-factor", type=int, default=1, help="CLEAR key pooling factor d (1: none)")
@@ -335,7 +335,10 @@ def _console(rank, verbose):
 def _progress_hook(label):
     """ComfyUI's global ProgressBar hook -> one console line (previews are for the UI)."""
     def hook(value, total, preview=None, node_id=None):
-        sys.stderr.write(f"\r{label}: {value}/{total}" + ("\n" if value >= total else ""))
+        if sys.stderr.isatty():  # one line, rewritten
+            sys.stderr.write(f"\r{label}: {value}/{total}" + ("\n" if value >= total else ""))
+        else:  # a log file: a line per update (ComfyUI's ProgressBar throttles them)
+            sys.stderr.write(f"{label}: {value}/{total}\n")
         sys.stderr.flush()
     return hook
 
@@ -403,20 +406,12 @@ def settings_from_args(args):
 
 
 def run_train(args, folder_paths, world):
-    from . import distill, distill_data, weights
+    from . import distill, distill_data
 
-    output = args.output
-    if output.endswith(weights.EXTENSION):
-        output = output[: -len(weights.EXTENSION)]
-    if os.path.dirname(output):  # a path: its folder first among models/clear
-        folder = os.path.abspath(os.path.dirname(output))
-        os.makedirs(folder, exist_ok=True)
-        folder_paths.add_model_folder_path(weights.FOLDER, folder, is_default=True)
-        output = os.path.basename(output)
     dataset = distill_data.TeacherDataset(dataset_folder(args.dataset))
     model = load_model(args.model, args.weight_dtype)
     vae = load_vae(args.vae) if args.vae else None
-    result = distill.distill(model, dataset, settings_from_args(args), output, resume=not args.no_resume, vae=vae)
+    result = distill.distill(model, dataset, settings_from_args(args), args.output, resume=not args.no_resume, vae=vae)
     log.info("trained weights: %s (%d steps, final loss %.6g)", result.path, result.steps, result.final_loss)
     return result
 

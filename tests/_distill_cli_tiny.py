@@ -69,9 +69,13 @@ def install(monkeypatch):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import logging
+
     import pytest
 
     from comfyui_clear.nodes import distill_cli
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # before ComfyUI's import sets up its own
 
     distill_cli.setup_comfyui(distill_cli.find_comfyui(None), cpu=True)
     install(pytest.MonkeyPatch())
