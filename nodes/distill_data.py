@@ -200,3 +200,203 @@ class TeacherDataset:
         return {"latent": tensors["latent"], "context": tensors["context"], "pooled": tensors.get("pooled"),
                 "guidance": _guidance(meta.get("guidance")), "seed": int(meta.get("seed", 0)),
                 "prompt": meta.get("prompt", "")}
+
+
+# ---------------------------------------------------------------------------
+# Generation
+
+def _fingerprint(diffusion_model):
+    """The model's shape fingerprint as trained files record it (nodes/weights.py)."""
+    from . import weights
+
+    if hasattr(weights, "model_fingerprint"):
+        return weights.model_fingerprint(diffusion_model)
+    p = diffusion_model.params  # same string as weights.model_fingerprint, until that lands
+    bias = int(getattr(diffusion_model.double_blocks[0].img_attn.qkv, "bias", None) is not None)
+    return (f"hidden={p.hidden_size},heads={p.num_heads},double={len(diffusion_model.double_blocks)},"
+            f"single={len(diffusion_model.single_blocks)},bias={bias}")
+
+
+def _base_hash(model):
+    from . import weights
+
+    return weights.base_model_hash(model) if hasattr(weights, "base_model_hash") else None
+
+
+def _teacher_model(model):
+    """The FLUX-class diffusion model of ``model``, which must run its own attention."""
+    import comfy.ldm.flux.model
+
+    from .clear_patch import _is_clear_override
+
+    diffusion_model = model.get_model_object("diffusion_model")
+    if not isinstance(diffusion_model, comfy.ldm.flux.model.Flux):
+        raise CLEARDataError(
+            f"CLEAR distillation needs a FLUX-class model (FLUX.1, FLUX.2 [dev] or Klein); got "
+            f"{type(diffusion_model).__name__}. Connect the output of a FLUX model loader.")
+    override = model.model_options.get("transformer_options", {}).get("optimized_attention_override")
+    if _is_clear_override(override):
+        raise CLEARDataError(
+            "the teacher data must come from the model with its own (dense) attention, but this model has "
+            "the CLEAR Attention Patch on it. Connect the model loader's output (with your LoRAs, if you "
+            "want them distilled in) directly to 'CLEAR Distill: Teacher Data'.")
+    return diffusion_model
+
+
+def _checked_size(width, height, ratio, patch):
+    step = ratio * patch
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value < step or value % step:
+            raise CLEARDataError(
+                f"{name}={value} must be a positive multiple of {step} (one token of this model); the "
+                "authors train at 1024 x 1024.")
+
+
+def _progress_reporter(progress, total, model):
+    """report(value, total, x0=None). ``progress`` may be a callable
+    progress(value, total), an object with ComfyUI ProgressBar's
+    update_absolute, or None: a ProgressBar, which shows in the UI with a
+    preview of the sample being made and lets the user's interrupt through."""
+    previewer = None
+    if progress is None:
+        import comfy.utils
+
+        progress = comfy.utils.ProgressBar(total)
+        try:
+            import latent_preview  # ComfyUI's (in its root folder); absent when driven from plain Python
+
+            previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+        except Exception:  # previews are a nicety: never fail generation for them
+            previewer = None
+    if not hasattr(progress, "update_absolute"):
+        return lambda value, total_, x0=None: progress(value, total_)
+    bar = progress
+
+    def report(value, total_, x0=None):
+        preview = None
+        if previewer is not None and x0 is not None:
+            preview = previewer.decode_latent_to_preview_image("JPEG", x0)
+        bar.update_absolute(value, total_, preview)
+
+    return report
+
+
+def _index_info(family, fingerprint, width, height, latent_shape, steps, guidance, count, base_model):
+    info = {"family": family, "fingerprint": fingerprint, "width": width, "height": height,
+            "latent_shape": list(latent_shape), "steps": steps, "guidance": guidance, "count": count}
+    if base_model:
+        info["base_model"] = base_model
+    return info
+
+
+def _resume_index(folder, new):
+    """The dataset.json to write for this run: ``new`` on a fresh folder; on a
+    folder with data, the recorded one (count raised to the new count) after
+    checking it is the same model and resolution."""
+    path = os.path.join(folder, INDEX_FILE)
+    if not os.path.exists(path):
+        if os.path.isdir(folder) and sample_files(folder):
+            raise CLEARDataError(
+                f"'{folder}' holds teacher samples but no {INDEX_FILE}; choose a new dataset_name, or delete "
+                "the folder to start over.")
+        return new
+    old = read_index(folder)
+    diffs = [f"{key} {old.get(key)!r} -> {new[key]!r}" for key in ("family", "fingerprint", "width", "height",
+                                                                    "latent_shape") if old.get(key) != new[key]]
+    if diffs:
+        raise CLEARDataError(
+            f"teacher dataset '{folder}' was generated with another model or resolution ({'; '.join(diffs)}). "
+            "Resuming would mix them: choose a new dataset_name, or delete the folder to start over.")
+    if new.get("base_model") and old.get("base_model") and new["base_model"] != old["base_model"]:
+        log.warning("CLEAR teacher data: '%s' was started with other weights of the same shape (base model "
+                    "%s, now %s); new samples come from the model connected now.", folder, old["base_model"],
+                    new["base_model"])
+    for key in ("steps", "guidance"):
+        if old.get(key) != new[key]:
+            log.warning("CLEAR teacher data: '%s' was started with %s=%r; the new samples use %r (each sample "
+                        "records its own).", folder, key, old.get(key), new[key])
+    return {**old, "count": max(int(old.get("count") or 0), new["count"])}
+
+
+def _conditioning(clip, prompt, guidance):
+    """[[context, {...}]] as CLIPTextEncode (+ FluxGuidance where the model takes guidance) make it."""
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    if guidance is not None:
+        cond = [[c, {**extra, "guidance": guidance}] for c, extra in cond]
+    return cond
+
+
+def generate_teacher_data(model, clip, prompts, folder, count, width, height, steps, guidance, seed,
+                          sampler_name="euler", scheduler="simple", progress=None):
+    """Sample ``model`` (a ComfyUI MODEL, as the user connected it: no CLEAR)
+    ``count`` times at width x height through ComfyUI's own sampler, sample i
+    with prompt ``prompts[i % len(prompts)]`` (encoded by ``clip``) and seed
+    ``seed + i``, cfg 1 and ``guidance`` for models with a guidance input;
+    each sample goes to ``folder`` as it finishes. Samples already in the
+    folder are kept (resume). Returns ``folder``."""
+    import time
+
+    import comfy.model_management
+    import comfy.sample
+
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise CLEARDataError("the prompt list is empty; give at least one prompt (one per line), or leave the "
+                             "prompts input empty for the shipped list.")
+    for name, value, low in (("count", count, 1), ("steps", steps, 1)):
+        if not isinstance(value, int) or value < low:
+            raise CLEARDataError(f"{name}={value!r} must be an integer of at least {low}.")
+    diffusion_model = _teacher_model(model)
+    family = _family(diffusion_model)
+    latent_format = model.get_model_object("latent_format")
+    ratio = getattr(latent_format, "spacial_downscale_ratio", 8)
+    _checked_size(width, height, ratio, diffusion_model.patch_size)
+    takes_guidance = bool(getattr(diffusion_model.params, "guidance_embed", False))
+    guidance = float(guidance) if takes_guidance else None
+    pooled_used = getattr(diffusion_model.params, "vec_in_dim", None) is not None
+    latent_shape = (latent_format.latent_channels, height // ratio, width // ratio)
+
+    folder = os.fspath(folder)
+    info = _resume_index(folder, _index_info(family, _fingerprint(diffusion_model), width, height, latent_shape,
+                                             steps, guidance, count, _base_hash(model)))
+    write_index(folder, info)
+    done = set(sample_files(folder))
+    todo = [i for i in range(count) if i not in done]
+    report = _progress_reporter(progress, count * steps, model)
+    report((count - len(todo)) * steps, count * steps)
+    log.info("CLEAR teacher data: %d of %d samples to generate into %s (%dx%d, %d steps, %s)", len(todo), count,
+             folder, width, height, steps, "no guidance input" if guidance is None else f"guidance {guidance:g}")
+
+    start = time.monotonic()
+    for n, i in enumerate(todo):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        prompt = prompts[i % len(prompts)]
+        cond = _conditioning(clip, prompt, guidance)
+        context, extra = cond[0][0], cond[0][1]
+        pooled = extra.get("pooled_output") if pooled_used else None
+        if pooled_used and pooled is None:
+            raise CLEARDataError("this model takes a pooled text vector (FLUX.1's CLIP-L), which the CLIP input "
+                                 "did not give; load FLUX.1's text encoders (DualCLIPLoader, type flux).")
+        latent = torch.zeros((1, *latent_shape))
+        noise = comfy.sample.prepare_noise(latent, seed + i)
+        base = (count - len(todo) + n) * steps
+
+        def callback(step, x0, x, total_steps, base=base):
+            report(base + step + 1, count * steps, x0)
+
+        samples = comfy.sample.sample(model, noise, steps, 1.0, sampler_name, scheduler, cond, cond, latent,
+                                      denoise=1.0, callback=callback, disable_pbar=True, seed=seed + i)
+        write_sample(folder, i, samples, context, pooled,
+                     {"prompt": prompt, "seed": seed + i, "guidance": guidance, "width": width, "height": height,
+                      "steps": steps, "family": family})
+        report(base + steps, count * steps)
+        elapsed = time.monotonic() - start
+        log.info("CLEAR teacher data: sample %d/%d (seed %d) done, %.1f s/sample, about %.0f min left", i + 1,
+                 count, seed + i, elapsed / (n + 1), elapsed / (n + 1) * (len(todo) - n - 1) / 60)
+    return folder
+
+
+def _family(diffusion_model):
+    from .clear_patch import flux_family
+
+    return flux_family(diffusion_model)

@@ -212,7 +212,8 @@ def _raw_bytes(tensor):
         extra = type(tensor).__name__
     else:
         if type(tensor) not in (torch.Tensor, torch.nn.Parameter):  # GGMLTensor: raw quantized blocks
-            extra = f"{type(tensor).__name__}:{getattr(tensor, 'tensor_type', '')}"
+            kind = getattr(tensor, "tensor_type", "")
+            extra = f"{type(tensor).__name__}:{getattr(kind, 'name', kind)}"
         parts.append(torch.Tensor.as_subclass(tensor.detach(), torch.Tensor))
     blobs = []
     for part in parts:
@@ -357,9 +358,12 @@ def save_trained_weights(path, tensors, *, fmt, window_size, down_factor, family
 @dataclass
 class CLEARWeights:
     path: str
-    patches: dict  # ComfyUI add_patches keys -> ("set", (tensor,))
+    patches: dict  # ComfyUI add_patches keys -> ("set", (tensor,)) or a LoRAAdapter
     spatial_weights: dict = field(default_factory=dict)  # ("double"|"single", i) -> float32 (d, d)
     down_factor: int = 1
+    format: str = "full"  # "full" ("set" patches) or "lora" (LoRAAdapter patches)
+    family: str = "flux1"  # the model family the file is for (clear.family; none: FLUX.1)
+    metadata: dict = field(default_factory=dict)  # the file's safetensors metadata
     _tensors: object = field(default=None, repr=False, compare=False)  # keeps the file cache entry alive
 
 
@@ -381,8 +385,10 @@ def _param_shape(model, key):
     return tuple(comfy.utils.get_attr(model, key).shape)
 
 
-def _flux_layout(model_patcher, fail):
-    """Block indices and hidden size of the loaded model, or fail("not FLUX")."""
+def _flux_layout(model_patcher, fail, biases=True):
+    """Block indices and hidden size of the loaded model, or fail("not FLUX").
+    ``biases``: True = the attention projections must have biases (FLUX.1, the
+    published layout); None = as the model has them, all or none (FLUX.2 has none)."""
     sd = model_patcher.model_state_dict()  # for the key names only: shapes via _param_shape
     double = {int(m.group(1)) for k in sd
               if (m := re.fullmatch(r"diffusion_model\.double_blocks\.(\d+)\.img_attn\.qkv\.weight", k))}
@@ -390,16 +396,21 @@ def _flux_layout(model_patcher, fail):
               if (m := re.fullmatch(r"diffusion_model\.single_blocks\.(\d+)\.linear1\.weight", k))}
     if not double or not single:
         fail("the model is not a FLUX model (no diffusion_model.double_blocks.*.img_attn.qkv / "
-             "single_blocks.*.linear1 weights); CLEAR weights only fit FLUX.1 models")
+             "single_blocks.*.linear1 weights); CLEAR weights only fit FLUX-class models")
     hidden = _param_shape(model_patcher.model, f"diffusion_model.double_blocks.{min(double)}.img_attn.qkv.weight")[1]
+    if biases is None:
+        biases = f"diffusion_model.double_blocks.{min(double)}.img_attn.qkv.bias" in sd
     expected = {}
     for i in double:
         p = f"diffusion_model.double_blocks.{i}.img_attn."
-        expected[p + "qkv.weight"], expected[p + "qkv.bias"] = (3 * hidden, hidden), (3 * hidden,)
-        expected[p + "proj.weight"], expected[p + "proj.bias"] = (hidden, hidden), (hidden,)
+        expected[p + "qkv.weight"], expected[p + "proj.weight"] = (3 * hidden, hidden), (hidden, hidden)
+        if biases:
+            expected[p + "qkv.bias"], expected[p + "proj.bias"] = (3 * hidden,), (hidden,)
     for i in single:
         p = f"diffusion_model.single_blocks.{i}.linear1."
-        expected[p + "weight"], expected[p + "bias"] = (None, hidden), (None,)
+        expected[p + "weight"] = (None, hidden)
+        if biases:
+            expected[p + "bias"] = (None,)
     for key, shape in expected.items():
         if key not in sd:
             fail(f"the model has no '{key}' (a FLUX variant without attention biases?), "
@@ -409,6 +420,86 @@ def _flux_layout(model_patcher, fail):
         if len(actual) != len(shape) or not rows_ok or actual[1:] != shape[1:]:
             fail(f"the model's '{key}' has shape {actual}, which is not FLUX's layout for hidden size {hidden}")
     return sorted(double), sorted(single), hidden
+
+
+def _file_metadata(path):
+    """The file's safetensors metadata; {} if unreadable (_read_file reports that)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:
+        return {}
+
+
+def file_family(name):
+    """The model family a CLEAR file is for, without downloading anything:
+    "flux1" for the published files and files without ``clear.family``
+    metadata (the published layout), the metadata's family otherwise, None
+    when the file is not on disk or unreadable."""
+    if name in PUBLISHED or name == TRAINING_FREE:
+        return "flux1" if name in PUBLISHED else None
+    path = None
+    try:
+        import folder_paths
+
+        path = folder_paths.get_full_path(FOLDER, name)
+    except (ImportError, KeyError):
+        pass
+    if path is None and os.path.isabs(name) and os.path.isfile(name):
+        path = name
+    if path is None:
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("clear.family", "flux1")
+    except Exception:
+        return None
+
+
+def _family_name(family):
+    from .clear_patch import FAMILIES
+
+    return FAMILIES.get(family, family)
+
+
+def _check_trained_for(model_patcher, meta, fail):
+    """The file's clear.family (none: FLUX.1, the published layout) and
+    clear.fingerprint against the loaded model: one error naming both."""
+    import comfy.ldm.flux.model
+
+    diffusion_model = model_patcher.get_model_object("diffusion_model")
+    if not isinstance(diffusion_model, comfy.ldm.flux.model.Flux):
+        return  # _flux_layout says "not a FLUX model"
+    from .clear_patch import flux_family
+
+    family, fingerprint = flux_family(diffusion_model), model_fingerprint(diffusion_model)
+    file_family_ = meta.get("clear.family", "flux1")
+    file_fingerprint = meta.get("clear.fingerprint")
+    trained = f"clear.family={file_family_}" + (f", clear.fingerprint={file_fingerprint}" if file_fingerprint else "")
+    if file_family_ != family:
+        what = "a published-layout CLEAR file (no clear.family metadata)" if "clear.family" not in meta else trained
+        fail(f"it was trained for a {_family_name(file_family_)} model ({what}), but this is a "
+             f"{_family_name(family)} model ({family}, {fingerprint}). Load it on the model it was trained for, "
+             "or distil a file for this model with CLEAR Distill")
+    if file_fingerprint is not None and file_fingerprint != fingerprint:
+        fail(f"it was trained for a {_family_name(file_family_)} model of shape {file_fingerprint}, but this "
+             f"{_family_name(family)} model is {fingerprint} (another size of the family). Load it on the model "
+             "it was trained for, or distil a file for this model with CLEAR Distill")
+    base = meta.get("clear.base_model")
+    if base:
+        try:
+            here = base_model_hash(model_patcher)
+        except Exception:  # weights not readable here (e.g. on the meta device): nothing to compare
+            here = base
+        if here != base:
+            from .runtime import warn_once
+
+            warn_once(f"CLEAR: weight file was trained on another base model (clear.base_model={base}, this "
+                      f"model: {here}); it fits this model's shape, but quality may differ from the training.")
 
 
 def _all_finite(t):
@@ -452,17 +543,28 @@ def _spatial_weight(tensor, key, fail):
 def load_clear_weights(path, model_patcher):
     """Read and validate a CLEAR file against the loaded model; build its patches.
 
+    A published file (or a trained one in their layout, ``clear.format`` full):
+    ("set") patches of q/k/v(/out) and their biases where the model has them.
+    A trained LoRA file (``lora_down``/``lora_up``/``alpha`` per projection):
+    ComfyUI LoRA patches (comfy.weight_adapter's LoRAAdapter) on the same
+    fused slices, ordinary patches that add to whatever else patches the key.
+
     Everything is checked before anything is returned (no side effects): the
+    file's clear.family / clear.fingerprint (none = FLUX.1) are the model's, the
     model is FLUX-like, the file covers exactly the model's blocks with all of
-    q/k/v (+ out for double blocks) weights and biases of the model's hidden
-    size, no unknown keys, finite values, one spatial_weight per layer with the
-    same d in down-sampled files. Raises CLEARWeightsError naming the file."""
+    q/k/v (+ out for double blocks) of the model's hidden size, no unknown keys,
+    finite values, one spatial_weight per layer with the same d in down-sampled
+    files. Raises CLEARWeightsError naming the file."""
     path = os.path.abspath(path)
 
     def fail(problem):
         raise CLEARWeightsError(f"CLEAR weight file {path}: {problem}.")
 
-    double_ids, single_ids, hidden = _flux_layout(model_patcher, fail)
+    meta = _file_metadata(path)
+    _check_trained_for(model_patcher, meta, fail)  # before the layout: says which model the file is for
+    published = "clear.family" not in meta
+    double_ids, single_ids, hidden = _flux_layout(model_patcher, fail, biases=True if published else None)
+    has_bias = f"diffusion_model.double_blocks.{double_ids[0]}.img_attn.qkv.bias" in model_patcher.model_state_dict()
     source = _read_file(path, fail)
     tensors, non_finite = source, source.non_finite
     if source and all(k.startswith(_OPTIONAL_PREFIX) for k in source):
@@ -470,22 +572,33 @@ def load_clear_weights(path, model_patcher):
         tensors = {k[n:]: v for k, v in source.items()}
         non_finite = {k[n:] for k in non_finite}
 
+    lora = any(_LORA_PATTERN.fullmatch(k) for k in tensors)
+    fmt = meta.get("clear.format", "lora" if lora else "full")
+    if fmt not in TRAINED_FORMATS or (fmt == "lora") != lora:
+        fail(f"its metadata says clear.format={fmt!r} but it holds {'LoRA' if lora else 'full'} weights "
+             f"(clear.format is one of {TRAINED_FORMATS}); the file is damaged or was edited")
+    pattern = _LORA_PATTERN if lora else _KEY_PATTERN
     layers = {}  # (kind, i) -> {"to_q.weight": tensor, ..., "spatial_weight": tensor}
     unknown = []
     for key, tensor in tensors.items():
-        m = _KEY_PATTERN.fullmatch(key)
+        m = pattern.fullmatch(key)
+        if m is None and lora and key.endswith(".processor.spatial_weight"):
+            m = _KEY_PATTERN.fullmatch(key)
         if m is None or (m["kind"] == "single_transformer_blocks" and m["proj"] == "to_out.0"):
             unknown.append(key)
             continue
         kind = "double" if m["kind"] == "transformer_blocks" else "single"
-        name = f"{m['proj']}.{m['param']}" if m["proj"] else "spatial_weight"
+        if not m["proj"]:
+            name = "spatial_weight"
+        else:
+            name = f"{m['proj']}.{m['part'] if lora else m['param']}"
         layers.setdefault((kind, int(m["index"])), {})[name] = tensor
     if not layers:
         fail(f"it holds no CLEAR attention weights (keys like {sorted(tensors)[:3]}); "
-             "it is not a CLEAR file for FLUX.1")
+             "it is not a CLEAR file for FLUX")
     if unknown:
-        fail(f"it has {len(unknown)} key(s) CLEAR files do not have, e.g. {sorted(unknown)[:5]}; "
-             "it is not a CLEAR weight file (or was saved with other names)")
+        fail(f"it has {len(unknown)} key(s) CLEAR {'LoRA ' if lora else ''}files do not have, e.g. "
+             f"{sorted(unknown)[:5]}; it is not a CLEAR weight file (or was saved with other names)")
 
     for kind, model_ids in (("double", double_ids), ("single", single_ids)):
         file_ids = {i for k, i in layers if k == kind}
@@ -496,20 +609,42 @@ def load_clear_weights(path, model_patcher):
             fail(f"it lacks {kind} block(s) {_describe(missing)} of the model's {len(model_ids)}; "
                  "a partially applied CLEAR model would be wrong")
 
-    projections = {"double": ("to_q", "to_k", "to_v", "to_out.0"), "single": ("to_q", "to_k", "to_v")}
+    if lora:
+        parts = (("lora_down.weight", None), ("lora_up.weight", None), ("alpha", None))
+    else:
+        parts = (("weight", (hidden, hidden)),) + ((("bias", (hidden,)),) if published or has_bias else ())
+    file_rank = meta.get("clear.rank")
     down_factors = set()
     for (kind, i), names in sorted(layers.items()):
-        prefix = f"{'transformer_blocks' if kind == 'double' else 'single_transformer_blocks'}.{i}.attn."
-        for proj in projections[kind]:
-            for param, shape in (("weight", (hidden, hidden)), ("bias", (hidden,))):
+        prefix = f"{_BLOCK_NAMES[kind]}.{i}.attn."
+        for proj in PROJECTIONS[kind]:
+            for param, shape in parts:
+                key = f"{prefix}{proj}.{param}"
                 t = names.get(f"{proj}.{param}")
                 if t is None:
-                    fail(f"'{prefix}{proj}.{param}' is missing")
-                if tuple(t.shape) != shape:
-                    fail(f"'{prefix}{proj}.{param}' has shape {tuple(t.shape)} but the model's hidden size "
+                    fail(f"'{key}' is missing")
+                if not t.is_floating_point() or key in non_finite:
+                    fail(f"'{key}' is not finite floating point data (corrupt file)")
+                if shape is not None and tuple(t.shape) != shape:
+                    fail(f"'{key}' has shape {tuple(t.shape)} but the model's hidden size "
                          f"is {hidden} (expected {shape}); the file is for another model")
-                if not t.is_floating_point() or f"{prefix}{proj}.{param}" in non_finite:
-                    fail(f"'{prefix}{proj}.{param}' is not finite floating point data (corrupt file)")
+            if not lora:
+                if not (published or has_bias) and f"{proj}.bias" in names:
+                    fail(f"'{prefix}{proj}.bias' is a bias, but this model's attention has none; "
+                         "the file is for another model")
+                continue
+            down, up, alpha = (names[f"{proj}.{p}"] for p, _ in parts)
+            rank = down.shape[0] if down.dim() == 2 else None
+            if down.dim() != 2 or up.dim() != 2 or down.shape[1] != hidden or up.shape[0] != hidden:
+                fail(f"'{prefix}{proj}' LoRA has lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)}; "
+                     f"the model's hidden size is {hidden} (expected (r, {hidden}) and ({hidden}, r)): "
+                     "the file is for another model")
+            if up.shape[1] != rank or (file_rank is not None and str(rank) != file_rank):
+                fail(f"'{prefix}{proj}' LoRA ranks disagree: lora_down {tuple(down.shape)}, lora_up "
+                     f"{tuple(up.shape)}" + (f", clear.rank={file_rank}" if file_rank is not None else "")
+                     + " (the file is damaged or was edited)")
+            if alpha.numel() != 1:
+                fail(f"'{prefix}{proj}.alpha' has shape {tuple(alpha.shape)}; expected one number")
         if "spatial_weight" in names:
             if prefix + "processor.spatial_weight" in non_finite:
                 fail(f"'{prefix}processor.spatial_weight' is not finite (corrupt file)")
@@ -523,21 +658,36 @@ def load_clear_weights(path, model_patcher):
     if len(down_factors) > 1:
         fail(f"its spatial_weight sizes disagree across layers ({sorted(down_factors)}); one d per file")
 
+    if lora:
+        from comfy.weight_adapter.lora import LoRAAdapter
+
+    def patch(names, proj, key_prefix):
+        if not lora:
+            return ("set", (names[f"{proj}.weight"],))
+        down, up, alpha = names[f"{proj}.lora_down.weight"], names[f"{proj}.lora_up.weight"], names[f"{proj}.alpha"]
+        loaded = {f"{key_prefix}{proj}.{p}" for p in ("lora_down.weight", "lora_up.weight", "alpha")}
+        return LoRAAdapter(loaded, (up, down, float(alpha.reshape(())), None, None, None))  # + up @ down * alpha / r
+
     patches, spatial = {}, {}
     for (kind, i), names in layers.items():
+        key_prefix = f"{_BLOCK_NAMES[kind]}.{i}.attn."
         if kind == "double":
             fused = f"diffusion_model.double_blocks.{i}.img_attn.qkv"
-            patches[f"diffusion_model.double_blocks.{i}.img_attn.proj.weight"] = ("set", (names["to_out.0.weight"],))
-            patches[f"diffusion_model.double_blocks.{i}.img_attn.proj.bias"] = ("set", (names["to_out.0.bias"],))
+            proj = f"diffusion_model.double_blocks.{i}.img_attn.proj"
+            patches[f"{proj}.weight"] = patch(names, "to_out.0", key_prefix)
+            if "to_out.0.bias" in names:
+                patches[f"{proj}.bias"] = ("set", (names["to_out.0.bias"],))
         else:
             fused = f"diffusion_model.single_blocks.{i}.linear1"
-        for row, proj in enumerate(("to_q", "to_k", "to_v")):
-            for param in ("weight", "bias"):
-                patches[(f"{fused}.{param}", (0, row * hidden, hidden))] = ("set", (names[f"{proj}.{param}"],))
+        for row, name in enumerate(("to_q", "to_k", "to_v")):
+            patches[(f"{fused}.weight", (0, row * hidden, hidden))] = patch(names, name, key_prefix)
+            if f"{name}.bias" in names:
+                patches[(f"{fused}.bias", (0, row * hidden, hidden))] = ("set", (names[f"{name}.bias"],))
         if "spatial_weight" in names:
             spatial[(kind, i)] = names["spatial_weight"]
     down_factor = down_factors.pop() if down_factors else 1
-    return CLEARWeights(path=path, patches=patches, spatial_weights=spatial, down_factor=down_factor, _tensors=source)
+    return CLEARWeights(path=path, patches=patches, spatial_weights=spatial, down_factor=down_factor,
+                        format=fmt, family=meta.get("clear.family", "flux1"), metadata=meta, _tensors=source)
 
 
 # ---------------------------------------------------------------------------

@@ -132,3 +132,174 @@ def test_bad_folders(tmp_path, case, match):
 def test_write_rejects_bad_shapes(tmp_path):
     with pytest.raises(D.CLEARDataError, match="4 dimensions"):
         D.write_sample(tmp_path, 0, torch.zeros(16, 6, 8), torch.zeros(1, 3, 64), None, {})
+
+
+# --------------------------------------------------------------------------
+# generation through ComfyUI's sampler (tiny models)
+
+class TinyClip:
+    """Stands in for ComfyUI's CLIP: tokenize + encode_from_tokens_scheduled,
+    deterministic per text. pooled=False: a FLUX.2-style encoder (no pooled
+    vector, an attention mask the FLUX model does not use)."""
+
+    def __init__(self, pooled=True):
+        self.pooled = pooled
+        self.calls = 0
+
+    def tokenize(self, text):
+        return {"l": [[(ord(c), 1.0) for c in text]]}
+
+    def encode_from_tokens_scheduled(self, tokens):
+        import zlib
+
+        self.calls += 1
+        text = "".join(chr(t) for t, _ in tokens["l"][0])
+        gen = torch.Generator().manual_seed(zlib.crc32(text.encode()))
+        T = 3 + len(text) % 5
+        context = torch.randn(1, T, 64, generator=gen)
+        if self.pooled:
+            return [[context, {"pooled_output": torch.randn(1, 32, generator=gen)}]]
+        return [[context, {"pooled_output": None, "attention_mask": torch.ones(1, T)}]]
+
+
+PROMPTS = ["a red fox in snow", "a lighthouse at dusk, oil painting", "the word CLEAR in neon letters"]
+SIZE = 64  # FLUX.1: 8x8 latent, 4x4 tokens; Klein-shaped: 4x4 latent, 4x4 tokens
+
+
+@pytest.fixture(scope="module")
+def flux(comfyui):
+    from flux_tiny import make_tiny_flux
+
+    return make_tiny_flux(seed=0)
+
+
+def _direct(model, sample, seed, steps=2, guidance="stored"):
+    """ComfyUI's sampler on the stored conditioning, as KSampler runs it."""
+    import comfy.sample
+
+    extra = {}
+    if sample["pooled"] is not None:
+        extra["pooled_output"] = sample["pooled"]
+    g = sample["guidance"] if guidance == "stored" else guidance
+    if g is not None:
+        extra["guidance"] = g
+    cond = [[sample["context"], extra]]
+    latent = torch.zeros_like(sample["latent"])
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, denoise=1.0,
+                               disable_pbar=True, seed=seed)
+
+
+def _generate(model, folder, clip=None, count=3, width=SIZE, height=SIZE, guidance=2.0, seed=40, **kw):
+    return D.generate_teacher_data(model, clip or TinyClip(), PROMPTS[:2], folder, count, width, height, 2,
+                                   guidance, seed, progress=kw.pop("progress", lambda v, t: None), **kw)
+
+
+def test_sample_equals_direct_sampling_flux1(flux, tmp_path):
+    _generate(flux, tmp_path)
+    ds = D.TeacherDataset(tmp_path)
+    assert len(ds) == 3 and ds.family == "flux1" and ds.latent_shape == (16, SIZE // 8, SIZE // 8)
+    assert ds.guidance == 2.0
+    assert ds.fingerprint == D._fingerprint(flux.get_model_object("diffusion_model"))
+    for i in range(3):
+        s = ds[i]
+        assert s["prompt"] == PROMPTS[i % 2] and s["seed"] == 40 + i and s["guidance"] == 2.0
+        assert s["pooled"].shape == (1, 32)
+        if i:  # sample 0 is sample 2's prompt at another seed
+            assert torch.equal(s["latent"], _direct(flux, s, 40 + i))
+    # the stored guidance is the one sampled with (FLUX.1-dev takes it), and seeds differ per sample
+    assert not torch.allclose(ds[1]["latent"], _direct(flux, ds[1], 41, guidance=3.5))
+    assert not torch.allclose(ds[1]["latent"], _direct(flux, ds[1], 42))
+    assert not torch.allclose(ds[0]["latent"], ds[2]["latent"])  # same prompt, seed + 2
+
+
+def test_sample_equals_direct_sampling_klein(comfyui, tmp_path):
+    from flux_tiny import available_families, make_tiny_family
+
+    if "flux2" not in available_families():
+        pytest.skip("this ComfyUI has no FLUX.2")
+    klein, channels = make_tiny_family("flux2")
+    _generate(klein, tmp_path, clip=TinyClip(pooled=False), count=1, guidance=3.5)
+    ds = D.TeacherDataset(tmp_path)
+    assert ds.family == "flux2" and ds.guidance is None and ds.latent_shape == (channels, SIZE // 16, SIZE // 16)
+    assert json.loads((tmp_path / "dataset.json").read_text())["guidance"] is None
+    s = ds[0]
+    assert s["pooled"] is None and s["guidance"] is None
+    assert torch.equal(s["latent"], _direct(klein, s, 40))
+
+
+def test_resume_after_interrupt_equals_one_run(flux, tmp_path, monkeypatch):
+    import comfy.model_management
+    import comfy.sample
+
+    whole = tmp_path / "whole"
+    _generate(flux, whole, count=2)
+
+    def interrupt_after_first(value, total):
+        if value == 2:  # sample 0's last step: the user presses Cancel
+            comfy.model_management.interrupt_current_processing(True)
+
+    part = tmp_path / "part"
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _generate(flux, part, count=2, progress=interrupt_after_first)
+    assert sorted(os.listdir(part)) == ["dataset.json", "sample_000000.safetensors"]
+
+    calls = []
+    real = comfy.sample.sample
+    monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+    _generate(flux, part, count=2)
+    assert calls == [41]  # sample 0 kept, the rest generated
+    for name in sorted(os.listdir(whole)):
+        if name.endswith(".safetensors"):
+            a, b = load_file(str(whole / name)), load_file(str(part / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((whole / "dataset.json").read_text()) == json.loads((part / "dataset.json").read_text())
+
+    calls.clear()
+    _generate(flux, part, count=3)  # a larger count extends the dataset
+    assert calls == [42] and len(D.TeacherDataset(part)) == 3
+    assert json.loads((part / "dataset.json").read_text())["count"] == 3
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(width=SIZE // 2), "width 64 -> 32"),
+    ("other_model", "fingerprint"),
+])
+def test_mismatched_resume(flux, tmp_path, change, match):
+    from flux_tiny import make_tiny_flux
+
+    _generate(flux, tmp_path, count=1)
+    if change == "other_model":
+        model, change = make_tiny_flux(seed=0, hidden=128), {}
+    else:
+        model = flux
+    with pytest.raises(D.CLEARDataError, match=match) as info:
+        _generate(model, tmp_path, count=2, **change)
+    assert "new dataset_name" in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["dataset.json", "sample_000000.safetensors"]
+
+
+def test_model_not_mutated(flux, tmp_path):
+    import copy
+
+    before_sd = {k: v.clone() for k, v in flux.model.state_dict().items()}
+    before = (copy.copy(flux.model_options), dict(flux.object_patches), dict(flux.patches), flux.patches_uuid)
+    _generate(flux, tmp_path, count=1)
+    after_sd = flux.model.state_dict()
+    assert before_sd.keys() == after_sd.keys() and all(torch.equal(before_sd[k], after_sd[k]) for k in before_sd)
+    assert (flux.model_options, flux.object_patches, flux.patches, flux.patches_uuid) == before
+
+
+def test_refuses_bad_input(flux, tmp_path):
+    from comfyui_clear.nodes.clear_patch import patch_model
+    from comfyui_clear.nodes.weights import TRAINING_FREE
+
+    with pytest.raises(D.CLEARDataError, match="CLEAR Attention Patch on it"):
+        _generate(patch_model(flux, TRAINING_FREE), tmp_path)
+    with pytest.raises(D.CLEARDataError, match="multiple of 16"):
+        _generate(flux, tmp_path, width=120)
+    with pytest.raises(D.CLEARDataError, match="prompt list is empty"):
+        D.generate_teacher_data(flux, TinyClip(), ["", "  "], tmp_path, 1, SIZE, SIZE, 2, 3.5, 0)
+    with pytest.raises(D.CLEARDataError, match="pooled text vector"):
+        _generate(flux, tmp_path, clip=TinyClip(pooled=False))
+    assert not any(name.startswith("sample_") for name in os.listdir(tmp_path))
