@@ -33,19 +33,30 @@ def _env(**extra):
 
 # ---------------------------------------------------------------- no ComfyUI needed
 
-@pytest.mark.parametrize("how", ["file", "module"])
-def test_help_needs_no_comfyui(tmp_path, how):
-    """--help of both subcommands in a process where ComfyUI is not importable:
-    as a file inside the pack (no package on the path) and as a module."""
-    sub = "teacher-data" if how == "file" else "train"
-    cmd = [sys.executable, CLI_FILE] if how == "file" else [sys.executable, "-m", "comfyui_clear.nodes.distill_cli"]
+def test_help_as_a_file_needs_no_comfyui(tmp_path):
+    """python custom_nodes/<pack>/nodes/distill_cli.py teacher-data --help, in a
+    process where neither the package nor ComfyUI is importable."""
     env = _env()
-    if how == "file":
-        env.pop("PYTHONPATH")
-    r = subprocess.run(cmd + [sub, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    env.pop("PYTHONPATH")
+    r = subprocess.run([sys.executable, CLI_FILE, "teacher-data", "--help"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "--model" in r.stdout and "--comfyui" in r.stdout
-    assert ("--clip" in r.stdout) == (sub == "teacher-data") and ("--grad-accum" in r.stdout) == (sub == "train")
+    assert "--model" in r.stdout and "--comfyui" in r.stdout and "--clip" in r.stdout
+
+
+@pytest.mark.parametrize("sub", ["teacher-data", "train"])
+def test_help_as_a_module_imports_no_comfyui(monkeypatch, capsys, sub):
+    """python -m comfyui_clear.nodes.distill_cli <sub> --help imports nothing of ComfyUI."""
+    import runpy
+
+    before = set(sys.modules)
+    monkeypatch.setattr(sys, "argv", ["distill_cli", sub, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("comfyui_clear.nodes.distill_cli", run_name="__main__")
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and ("--clip" in out) == (sub == "teacher-data") and ("--grad-accum" in out) == (sub == "train")
+    assert not {m for m in set(sys.modules) - before if m.split(".")[0] in ("comfy", "folder_paths", "nodes")}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -120,11 +131,14 @@ def files(comfyui, tmp_path_factory):
     base = tmp_path_factory.mktemp("distill_cli")
     monkeypatch = pytest.MonkeyPatch()
     tiny.install(monkeypatch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only contend on a busy machine (47 s -> 11 s here)
     prompts = base / "prompts.txt"
     prompts.write_text("# a comment line\n" + "\n".join(PROMPTS) + "\n\n")
     yield dict(base=base, model=tiny.write_tiny_flux(base / "flux_tiny.safetensors"),
                clip=tiny.write_tiny_text_encoders(str(base)), prompts=str(prompts))
     monkeypatch.undo()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +183,10 @@ def test_teacher_data_wrong_text_encoder_count(files, capsys):
     assert "needs 2 text encoder file(s)" in capsys.readouterr().err
 
 
-def test_missing_model_file(files, capsys):
+def test_missing_model_file(files, dataset, capsys):
     from comfyui_clear.nodes import distill_cli
 
-    argv = ["train", "--cpu", "--model", "no_such_model.safetensors", "--dataset", "x", "--output", "o"]
+    argv = ["train", "--cpu", "--model", "no_such_model.safetensors", "--dataset", str(dataset), "--output", "o"]
     assert distill_cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "'no_such_model.safetensors' not found" in err and "models/diffusion_models" in err
@@ -209,14 +223,63 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _assert_same_weights(path, single_run):
+    """Tolerance: float32 rounding of DDP's gradient all-reduce (sum order)
+    through AdamW, whose first steps move each weight by about +-lr whatever
+    its gradient's size: measured 1.4e-5 at most (a few elements with
+    near-zero gradients); ranks that trained on the wrong samples differ by
+    ~lr = 1e-2."""
+    tensors, meta = _read_weights(path)
+    single, single_meta = single_run
+    assert sorted(tensors) == sorted(single) and meta["clear.steps"] == single_meta["clear.steps"]
+    for key, value in tensors.items():
+        torch.testing.assert_close(value, single[key], rtol=0, atol=1e-4, msg=key)
+        assert (value - single[key]).norm() <= 1e-4 * single[key].norm(), key
+
+
+def _rank(rank, port, argv):
+    """One torchrun worker: the environment torchrun gives it, then the command line."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    code = 1
+    try:
+        from comfyui_clear.nodes import distill_cli
+
+        code = distill_cli.main(argv)
+    finally:
+        os._exit(code)
+
+
+def test_two_processes_equal_one_at_twice_the_batch(files, dataset, single_run):
+    """Two gloo processes with torchrun's environment (forked from this one, which
+    has ComfyUI imported already: seconds instead of a minute), batch 1 each ==
+    one process at batch 2: the same trained weights after 2 steps. The
+    command line sets up the process group, the trainer wraps its loss in DDP
+    and shards the samples; rank 0 alone writes."""
+    import multiprocessing
+
+    out = files["base"] / "forked" / "tiny_clear"
+    argv = ["train", "--cpu", "--model", files["model"], "--dataset", str(dataset), "--output", str(out),
+            "--batch-size", "1", *TRAIN]
+    ctx = multiprocessing.get_context("fork")
+    port = _free_port()
+    workers = [ctx.Process(target=_rank, args=(rank, port, argv)) for rank in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=240)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert sorted(os.listdir(out.parent)) == ["tiny_clear.safetensors", "tiny_clear.state.pt"]
+    _assert_same_weights(str(out) + ".safetensors", single_run)
+
+
+@pytest.mark.slow  # two fresh processes import torch and ComfyUI: about a minute on 2 busy cores
 def test_torchrun_two_processes_equal_one_at_twice_the_batch(files, dataset, single_run):
-    """torchrun --nproc_per_node 2 (gloo, 127.0.0.1), batch 1 per process ==
-    one process at batch 2: same trained weights after 2 steps. Tolerance:
-    float32 rounding of DDP's gradient all-reduce (sum order) through AdamW,
-    whose first steps move each weight by about +-lr whatever its gradient:
-    measured 1.4e-5 at most (a few elements with near-zero gradients), ranks
-    that trained on the wrong samples differ by ~lr = 1e-2."""
-    out = files["base"] / "ddp" / "tiny_clear"
+    """The user's launch: a real torchrun --nproc_per_node 2 (gloo on 127.0.0.1)
+    of the command line (tests/_distill_cli_tiny.py: it, with the tiny-model
+    loaders), batch 1 per process == one process at batch 2."""
+    out = files["base"] / "torchrun" / "tiny_clear"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), LAUNCHER,
            "train", "--cpu", "--model", files["model"], "--dataset", str(dataset), "--output", str(out),
@@ -224,9 +287,5 @@ def test_torchrun_two_processes_equal_one_at_twice_the_batch(files, dataset, sin
     r = subprocess.run(cmd, cwd=REPO, env=_env(COMFYUI_PATH=os.environ["COMFYUI_PATH"]), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    tensors, meta = _read_weights(str(out) + ".safetensors")
-    single, single_meta = single_run
-    assert sorted(tensors) == sorted(single) and meta["clear.steps"] == single_meta["clear.steps"]
-    for key, value in tensors.items():
-        torch.testing.assert_close(value, single[key], rtol=0, atol=1e-4, msg=key)
-        assert (value - single[key]).norm() <= 1e-4 * single[key].norm(), key
+    assert "CLEAR Distill step 2/2" in r.stderr
+    _assert_same_weights(str(out) + ".safetensors", single_run)
