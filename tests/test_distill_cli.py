@@ -289,3 +289,29 @@ def test_torchrun_two_processes_equal_one_at_twice_the_batch(files, dataset, sin
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert "CLEAR Distill step 2/2" in r.stderr
     _assert_same_weights(str(out) + ".safetensors", single_run)
+
+
+def test_ctrl_c_checkpoints_and_the_rerun_resumes(files, dataset, single_run, monkeypatch, capsys):
+    """Ctrl-C after step 1 (a real SIGINT to this process, sent from the
+    progress hook): the command stops with status 130 after saving a
+    checkpoint and writes no weights; the same command again resumes and
+    ends with the weights of the uninterrupted run."""
+    from comfyui_clear.nodes import distill_cli
+
+    def hook(label):
+        def press_ctrl_c(value, total, preview=None, node_id=None):
+            if value == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+        return press_ctrl_c
+
+    out = files["base"] / "interrupted" / "tiny_clear"
+    argv = ["train", "--cpu", "--model", files["model"], "--dataset", str(dataset), "--output", str(out),
+            "--batch-size", "2", *TRAIN]
+    with monkeypatch.context() as m:
+        m.setattr(distill_cli, "_progress_hook", hook)
+        assert distill_cli.main(argv) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert sorted(os.listdir(out.parent)) == ["tiny_clear.state.pt"]
+    assert torch.load(str(out) + ".state.pt", weights_only=True)["step"] == 1
+    assert distill_cli.main(argv) == 0
+    _assert_same_weights(str(out) + ".safetensors", single_run)
