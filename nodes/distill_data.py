@@ -206,21 +206,10 @@ class TeacherDataset:
 # Generation
 
 def _fingerprint(diffusion_model):
-    """The model's shape fingerprint as trained files record it (nodes/weights.py)."""
-    from . import weights
+    """The model's shape fingerprint as trained CLEAR files record it."""
+    from .weights import model_fingerprint
 
-    if hasattr(weights, "model_fingerprint"):
-        return weights.model_fingerprint(diffusion_model)
-    p = diffusion_model.params  # same string as weights.model_fingerprint, until that lands
-    bias = int(getattr(diffusion_model.double_blocks[0].img_attn.qkv, "bias", None) is not None)
-    return (f"hidden={p.hidden_size},heads={p.num_heads},double={len(diffusion_model.double_blocks)},"
-            f"single={len(diffusion_model.single_blocks)},bias={bias}")
-
-
-def _base_hash(model):
-    from . import weights
-
-    return weights.base_model_hash(model) if hasattr(weights, "base_model_hash") else None
+    return model_fingerprint(diffusion_model)
 
 
 def _teacher_model(model):
@@ -318,6 +307,18 @@ def _resume_index(folder, new):
     return {**old, "count": max(int(old.get("count") or 0), new["count"])}
 
 
+PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill_prompts.txt")
+
+
+def prompt_list(text=""):
+    """The prompts of ``text``, one per line (blank lines and lines starting
+    with # skipped); empty ``text``: the shipped list (distill_prompts.txt)."""
+    if not text or not text.strip():
+        with open(PROMPTS_FILE, encoding="utf-8") as f:
+            text = f.read()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def _conditioning(clip, prompt, guidance):
     """[[context, {...}]] as CLIPTextEncode (+ FluxGuidance where the model takes guidance) make it."""
     cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
@@ -339,6 +340,8 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
     import comfy.model_management
     import comfy.sample
 
+    from .weights import base_model_hash
+
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise CLEARDataError("the prompt list is empty; give at least one prompt (one per line), or leave the "
@@ -358,7 +361,7 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
 
     folder = os.fspath(folder)
     info = _resume_index(folder, _index_info(family, _fingerprint(diffusion_model), width, height, latent_shape,
-                                             steps, guidance, count, _base_hash(model)))
+                                             steps, guidance, count, base_model_hash(model)))
     write_index(folder, info)
     done = set(sample_files(folder))
     todo = [i for i in range(count) if i not in done]

@@ -303,3 +303,11 @@ def test_refuses_bad_input(flux, tmp_path):
     with pytest.raises(D.CLEARDataError, match="pooled text vector"):
         _generate(flux, tmp_path, clip=TinyClip(pooled=False))
     assert not any(name.startswith("sample_") for name in os.listdir(tmp_path))
+
+
+def test_prompt_lists():
+    shipped = D.prompt_list("")
+    assert 150 <= len(shipped) <= 300 and len(set(shipped)) == len(shipped)
+    assert all(p.isascii() and 20 < len(p) < 200 for p in shipped)
+    assert D.prompt_list("  \n") == shipped
+    assert D.prompt_list("a cat\n\n# a comment\n  a dog  \n") == ["a cat", "a dog"]
