@@ -78,7 +78,7 @@ def build_parser():
         p.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="default",
                        help="as UNETLoader's weight_dtype: fp8_e4m3fn stores the frozen base in fp8")
         p.add_argument("--cpu", action="store_true", help="run on the CPU (automatic when there is no CUDA)")
-        p.add_argument("--dataset", required=True, metavar="NAME_OR_FOLDER",
+        p.add_argument("--dataset", default="flux_teacher", metavar="NAME_OR_FOLDER",
                        help=f"teacher data folder: a name (in ComfyUI's output/{TEACHER_FOLDER}/) or a path")
         p.add_argument("--seed", type=int, default=0, help="base seed (sample i uses seed + i; training is "
                                                            "deterministic in it)")
@@ -96,11 +96,13 @@ def build_parser():
                            "(DualCLIPLoader 'flux'); FLUX.2 one file, Klein its Qwen3, [dev] its Mistral "
                            "(CLIPLoader 'flux2')")
     data.add_argument("--prompts", metavar="FILE",
-                      help="prompt list, one per line (default: the list shipped with the pack)")
+                      help="prompt list, one per line, '#' lines skipped; sample i uses prompt i modulo the "
+                           "list's length (default: the list shipped with the pack)")
     data.add_argument("--count", type=int, default=1000, help="number of samples (prompts are cycled)")
     data.add_argument("--width", type=int, default=1024, help="training resolution, pixels")
     data.add_argument("--height", type=int, default=1024, help="training resolution, pixels")
-    data.add_argument("--steps", type=int, default=28, help="sampling steps per sample")
+    data.add_argument("--steps", type=int, default=20,
+                      help="sampling steps per sample: 20 for FLUX.1-dev and FLUX.2 [dev], 4 for schnell and Klein")
     data.add_argument("--guidance", type=float, default=3.5,
                       help="FLUX guidance (ignored by models without a guidance input: schnell, Klein)")
     data.add_argument("--sampler", default="euler", help="ComfyUI sampler name")
@@ -115,7 +117,8 @@ def build_parser():
                     "torchrun --nproc_per_node N ... train ...: the batch size is per GPU.")
     common(train)
     train.add_argument("--output", required=True, metavar="NAME",
-                       help="output file name in models/clear (.safetensors added); a path with a folder is used as given")
+                       help="output file name in models/clear (.safetensors added); a path with a folder is "
+                            "used as given")
     train.add_argument("--vae", metavar="FILE", help="VAE (models/vae or a path): enables the previews")
     train.add_argument("--window-size", type=int, default=16, help="CLEAR radius in latent tokens")
     train.add_argument("--down-factor", type=int, default=1, help="CLEAR key pooling factor d (1: none)")
@@ -300,7 +303,7 @@ def distributed_context():
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
 
 
 @contextmanager
@@ -374,18 +377,20 @@ def run_teacher_data(args, folder_paths, world):
     from . import distill_data
 
     if world > 1:
-        raise CLEARCommandLineError("teacher-data runs in one process; start it without torchrun (several "
-                                    "GPUs: run one per GPU on different --dataset folders).")
+        raise CLEARCommandLineError("teacher-data runs in one process, on one GPU; start it without torchrun.")
+    text = ""
+    if args.prompts:
+        try:
+            with open(args.prompts, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise CLEARCommandLineError(
+                f"Cannot read the prompt list --prompts {args.prompts}: {e.strerror}.") from None
+        if not distill_data.prompt_list(text):
+            raise CLEARCommandLineError(f"The prompt list {args.prompts} has no prompts (one per line).")
+    prompt_list = distill_data.prompt_list(text)  # empty: the list shipped with the pack
     model = load_model(args.model, args.weight_dtype)
     clip = load_text_encoder(args.clip, family_of(model))
-    prompts = args.prompts or os.path.join(PACK_ROOT, "nodes", "distill_prompts.txt")
-    try:
-        with open(prompts, encoding="utf-8") as f:
-            prompt_list = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-    except OSError as e:
-        raise CLEARCommandLineError(f"Cannot read the prompt list --prompts {prompts}: {e.strerror}.") from None
-    if not prompt_list:
-        raise CLEARCommandLineError(f"The prompt list {prompts} has no prompts (one per line).")
     folder = dataset_folder(args.dataset)
     out = distill_data.generate_teacher_data(
         model, clip, prompt_list, folder, args.count, args.width, args.height, args.steps, args.guidance,
@@ -411,7 +416,8 @@ def run_train(args, folder_paths, world):
     dataset = distill_data.TeacherDataset(dataset_folder(args.dataset))
     model = load_model(args.model, args.weight_dtype)
     vae = load_vae(args.vae) if args.vae else None
-    result = distill.distill(model, dataset, settings_from_args(args), args.output, resume=not args.no_resume, vae=vae)
+    result = distill.distill(model, dataset, settings_from_args(args), args.output, resume=not args.no_resume,
+                             vae=vae)
     log.info("trained weights: %s (%d steps, final loss %.6g)", result.path, result.steps, result.final_loss)
     return result
 
