@@ -316,3 +316,37 @@ def test_ctrl_c_checkpoints_and_the_rerun_resumes(files, dataset, single_run, mo
     assert torch.load(str(out) + ".state.pt", weights_only=True)["step"] == 1
     assert distill_cli.main(argv) == 0
     _assert_same_weights(str(out) + ".safetensors", single_run)
+
+
+def test_text_encoder_types(files, monkeypatch, capsys):
+    """FLUX.1: two files as DualCLIPLoader 'flux'; FLUX.2 (Klein, [dev]): one file
+    as CLIPLoader 'flux2', or one clear error on a ComfyUI without that type."""
+    import comfy.sd
+
+    from comfyui_clear.nodes import distill_cli
+
+    calls = []
+    monkeypatch.setattr(comfy.sd, "load_clip", lambda ckpt_paths, **kw: calls.append((ckpt_paths, kw["clip_type"])))
+    distill_cli.load_text_encoder(files["clip"], "flux1")
+    assert calls == [(files["clip"], comfy.sd.CLIPType.FLUX)]
+    with pytest.raises(distill_cli.CLEARCommandLineError, match="flux2 model needs 1 text encoder"):
+        distill_cli.load_text_encoder(files["clip"], "flux2")
+    if hasattr(comfy.sd.CLIPType, "FLUX2"):
+        distill_cli.load_text_encoder(files["clip"][:1], "flux2")
+        assert calls[-1] == (files["clip"][:1], comfy.sd.CLIPType.FLUX2)
+    else:  # 0.3.64
+        with pytest.raises(distill_cli.CLEARCommandLineError, match="no 'flux2' text encoder type"):
+            distill_cli.load_text_encoder(files["clip"][:1], "flux2")
+
+
+def test_model_by_name_in_models_folder(files, monkeypatch):
+    """--model takes a file name of models/diffusion_models, as UNETLoader lists it."""
+    import folder_paths
+
+    from comfyui_clear.nodes import distill_cli
+
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models",
+                        ([str(files["base"])], folder_paths.supported_pt_extensions))
+    assert distill_cli._resolve_file("diffusion_models", "flux_tiny.safetensors", "Diffusion model",
+                                     "--model") == files["model"]
