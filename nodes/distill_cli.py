@@ -348,20 +348,21 @@ def _progress_hook(label):
 
 @contextmanager
 def interrupt_on_ctrl_c():
-    """First Ctrl-C (or torchrun's SIGTERM): ComfyUI's interrupt, which the
-    trainer and the sampler honour at their next step (the trainer saves a
-    checkpoint first); a second Ctrl-C aborts at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (what torchrun sends its workers when it is
+    stopped) -> ComfyUI's interrupt, which the trainer and the sampler honour at
+    their next step (the trainer saves a checkpoint first). A second Ctrl-C
+    aborts at once; SIGTERM never does (under torchrun a Ctrl-C brings both)."""
     import comfy.model_management
 
     pressed = []
 
     def handler(signum, frame):
-        if pressed:
+        if signum == signal.SIGINT and pressed:
             raise KeyboardInterrupt
+        if not pressed:
+            sys.stderr.write("\nStopping at the next step (training saves a checkpoint); Ctrl-C again to abort.\n")
         pressed.append(signum)
         comfy.model_management.interrupt_current_processing(True)
-        if signum == signal.SIGINT:
-            sys.stderr.write("\nStopping after this step (the trainer saves a checkpoint); Ctrl-C again to abort.\n")
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -107,7 +107,8 @@ def test_dataset_names_and_paths(comfyui, tmp_path):
 
 def test_ctrl_c_is_comfyuis_interrupt(comfyui):
     """First Ctrl-C sets ComfyUI's interrupt (the trainer checkpoints and stops at
-    its next step); the second aborts; the previous handler comes back."""
+    its next step), as does SIGTERM; a second Ctrl-C aborts; the previous
+    handlers come back."""
     import comfy.model_management as mm
 
     from comfyui_clear.nodes import distill_cli
@@ -115,6 +116,9 @@ def test_ctrl_c_is_comfyuis_interrupt(comfyui):
     before = signal.getsignal(signal.SIGINT)
     with distill_cli.interrupt_on_ctrl_c():
         os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(mm.InterruptProcessingException):
+            mm.throw_exception_if_processing_interrupted()
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun stopping its workers: the interrupt again, no abort
         with pytest.raises(mm.InterruptProcessingException):
             mm.throw_exception_if_processing_interrupted()
         with pytest.raises(KeyboardInterrupt):
