@@ -39,6 +39,7 @@ if __name__ == "__main__" and not __package__:
     sys.exit(_main())
 
 import argparse
+import inspect
 import logging
 import os
 import signal
@@ -318,10 +319,17 @@ def distributed(cpu):
     import torch
     import torch.distributed as dist
 
+    options = {"backend": "gloo"}
     if not cpu:
+        if local_rank >= torch.cuda.device_count():
+            raise CLEARCommandLineError(
+                f"torchrun started process {local_rank} on this machine, which has {torch.cuda.device_count()} "
+                "GPU(s): set --nproc_per_node to the number of GPUs (or fewer).")
         torch.cuda.set_device(local_rank)
-    backend = "gloo" if cpu else "nccl"
-    dist.init_process_group(backend=backend)
+        options = {"backend": "nccl"}
+        if "device_id" in inspect.signature(dist.init_process_group).parameters:  # torch >= 2.3: bind NCCL to it
+            options["device_id"] = torch.device("cuda", local_rank)
+    dist.init_process_group(**options)
     try:
         yield rank, world
     finally:
