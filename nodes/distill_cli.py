@@ -447,7 +447,6 @@ def main(argv=None):
         comfyui = find_comfyui(args.comfyui)
         with distributed(cpu) as (rank, world):
             folder_paths = setup_comfyui(comfyui, cpu)
-            import comfy.model_management
             import comfy.utils
 
             hook = comfy.utils.PROGRESS_BAR_HOOK
