@@ -17,9 +17,10 @@ weights for the user's own FLUX-family model from its teacher data.
   + loss_attn * mean over single blocks i % 4 == 0 of MSE(attn_s, attn_t),
   attn = the raw attention output (text and image tokens) entering linear2.
 - Per-block gradient checkpointing (non-reentrant) through
-  ``patches_replace["dit"]``; each block runs on clones of its residual
-  inputs, because ComfyUI's blocks update them in place (``img +=``): without
-  the clone the recomputed block would see the already-updated tensor.
+  ``patches_replace["dit"]``; each block's residual stream is a tensor whose
+  ``+=`` is out of place (``_Residual``), because ComfyUI's blocks update it
+  in place after a norm saved it for backward: the recomputed block would
+  otherwise see the already-updated tensor (wrong gradients).
 - Every random draw of a step (sample order, noise, sigma) comes from
   (seed, global sample slot), so a resumed run equals an uninterrupted one and
   two data-parallel processes with batch b equal one process with batch 2b.
@@ -51,7 +52,7 @@ PREVIEW_STEPS = 4
 # Settings a resumed run must share with its checkpoint (the rest may change).
 _RESUME_KEYS = ("window_size", "down_factor", "mode", "rank", "alpha", "batch_size", "grad_accum", "optimizer",
                 "seed")
-_CLONE_RESIDUALS = True  # tests turn it off to show the check catches ComfyUI's in-place residuals
+_OUT_OF_PLACE_RESIDUALS = True  # tests turn it off to show the check catches ComfyUI's in-place residuals
 
 
 @ui_error
@@ -265,8 +266,8 @@ class _RowsWrapper:
                 pieces.append(param.to(weight.dtype))
             else:
                 down, up = loss.lora[name + "_down"], loss.lora[name + "_up"]
-                delta = (up @ down) * loss.lora_scale
-                pieces.append((base.float() + delta).to(weight.dtype))
+                delta = (up @ down) * loss.lora_scale  # float32 (float64 in gradient checks), as ComfyUI's LoRA patches
+                pieces.append((base.to(delta.dtype) + delta).to(weight.dtype))
         if loss.weight_dtype is None:
             loss.weight_dtype = weight.dtype
         return torch.cat(pieces + ([weight[end:]] if end < weight.shape[0] else []), 0)
@@ -289,20 +290,33 @@ def _call_block(block, kind, block_args):
                          attn_mask=block_args.get("attn_mask"), transformer_options=options)}
 
 
+class _Residual(torch.Tensor):
+    """A FLUX block's residual stream whose ``+=`` is out of place. ComfyUI's
+    blocks update it in place (``img += ...``, ``x += ...``) after a norm saved
+    it for backward: autograd refuses that, and under checkpointing (which
+    does not check) the recomputed norm would see the updated values: wrong
+    gradients. Other operations give plain tensors."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __iadd__(self, other):
+        return torch.add(self.as_subclass(torch.Tensor), other).as_subclass(_Residual)
+
+
 def _checkpointed_block(args, extra, *, kind, block, inner=None):
     """patches_replace["dit"] entry: the block (and any other block patch it
-    had) under non-reentrant checkpointing, on clones of its residual inputs."""
+    had) under non-reentrant checkpointing, its residual updates out of place."""
     names = ("img", "txt") if kind == "double" else ("img",)
     calls = []
 
     def run(*tensors):
         block_args = dict(args)
         for n, t in zip(names, tensors):
-            block_args[n] = t.clone() if _CLONE_RESIDUALS else t
+            block_args[n] = t.as_subclass(_Residual) if _OUT_OF_PLACE_RESIDUALS else t
         block_extra = extra if not calls else {**extra, "original_block": lambda a: _call_block(block, kind, a)}
         calls.append(True)
         out = inner(block_args, block_extra) if inner is not None else block_extra["original_block"](block_args)
-        return tuple(out[n] for n in names)
+        return tuple(out[n].as_subclass(torch.Tensor) for n in names)
 
     if not torch.is_grad_enabled():
         return inner(args, extra) if inner is not None else extra["original_block"](args)
@@ -388,10 +402,20 @@ class DistillLoss(torch.nn.Module):
             if loaded[i].model is self.student:
                 loaded[i].model_unload()
                 loaded.pop(i)
+        for module in self.flux.modules():  # ComfyUI leaves weight functions of a full load in place
+            for attr in ("weight_function", "bias_function"):
+                functions = module.__dict__.get(attr)
+                if functions and any(isinstance(f, _RowsWrapper) for f in functions):
+                    setattr(module, attr, [f for f in functions if not isinstance(f, _RowsWrapper)])
 
     @property
     def device(self):
         return self.student.load_device
+
+    @property
+    def dtype(self):
+        """The loss's dtype: float32 (float64 when the parameters are, in gradient checks)."""
+        return next(self.parameters()).dtype
 
     # -- the passes
 
@@ -443,7 +467,7 @@ class DistillLoss(torch.nn.Module):
             self.switch.on = True
         if adapters and not self.ready:
             self.ready = True
-        return out.float()
+        return out.to(self.dtype)
 
     @contextlib.contextmanager
     def _capture(self, store):
@@ -465,9 +489,9 @@ class DistillLoss(torch.nn.Module):
 
     def forward(self, batch):
         s = self.settings
-        x0 = batch["x0"].to(self.device, torch.float32)
-        noise = batch["noise"].to(self.device, torch.float32)
-        sigma = batch["sigma"].to(self.device, torch.float32)
+        x0 = batch["x0"].to(self.device, self.dtype)
+        noise = batch["noise"].to(self.device, self.dtype)
+        sigma = batch["sigma"].to(self.device, self.dtype)
         sv = sigma.view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1 - sv) * x0 + sv * noise
         attn_t = {} if s.loss_attn and self.attn_blocks else None
@@ -479,7 +503,7 @@ class DistillLoss(torch.nn.Module):
         mse = torch.nn.functional.mse_loss
         parts = {"fm": mse(v_s, noise - x0), "distill": mse(v_s, v_t)}
         if attn_t is not None:
-            parts["attn"] = torch.stack([mse(attn_s[i].float(), attn_t[i].float()) for i in self.attn_blocks]).mean()
+            parts["attn"] = torch.stack([mse(attn_s[i].to(self.dtype), attn_t[i].to(self.dtype)) for i in self.attn_blocks]).mean()
         else:
             parts["attn"] = v_s.new_zeros(())
         loss = s.loss_fm * parts["fm"] + s.loss_distill * parts["distill"] + s.loss_attn * parts["attn"]
