@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 INDEX_FILE = "dataset.json"
 SAMPLE_RE = re.compile(r"^sample_(\d{6,})\.safetensors$")
+ENCODE_AHEAD = 16  # prompts encoded per text-encoder pass during generation
 DATASET_TYPE = "CLEAR_DATASET"  # ComfyUI type between the teacher-data node and the trainer: the folder path
 
 
@@ -221,8 +222,8 @@ def _teacher_model(model):
     diffusion_model = model.get_model_object("diffusion_model")
     if not isinstance(diffusion_model, comfy.ldm.flux.model.Flux):
         raise CLEARDataError(
-            f"CLEAR distillation needs a FLUX-class model (FLUX.1, FLUX.2 [dev] or Klein); got "
-            f"{type(diffusion_model).__name__}. Connect the output of a FLUX model loader.")
+            f"CLEAR distillation needs a FLUX-class model; got {type(diffusion_model).__name__} (FLUX.1, its "
+            "fine-tunes, FLUX.2 [dev] and Klein are FLUX-class). Connect the output of a FLUX model loader.")
     override = model.model_options.get("transformer_options", {}).get("optimized_attention_override")
     if _is_clear_override(override):
         raise CLEARDataError(
@@ -331,7 +332,8 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
                           sampler_name="euler", scheduler="simple", progress=None):
     """Sample ``model`` (a ComfyUI MODEL, as the user connected it: no CLEAR)
     ``count`` times at width x height through ComfyUI's own sampler, sample i
-    with prompt ``prompts[i % len(prompts)]`` (encoded by ``clip``) and seed
+    with prompt ``prompts[i % len(prompts)]`` (a list, or text with one per
+    line; encoded by ``clip`` as CLIPTextEncode does) and seed
     ``seed + i``, cfg 1 and ``guidance`` for models with a guidance input;
     each sample goes to ``folder`` as it finishes. Samples already in the
     folder are kept (resume). Returns ``folder``."""
@@ -342,6 +344,8 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
 
     from .weights import base_model_hash
 
+    if isinstance(prompts, str):  # text, one prompt per line (as the node's input)
+        prompts = prompt_list(prompts) if prompts.strip() else []
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise CLEARDataError("the prompt list is empty; give at least one prompt (one per line), or leave the "
@@ -350,6 +354,9 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
         if not isinstance(value, int) or value < low:
             raise CLEARDataError(f"{name}={value!r} must be an integer of at least {low}.")
     diffusion_model = _teacher_model(model)
+    if clip is None or not hasattr(clip, "tokenize"):
+        raise CLEARDataError("the clip input holds no text encoder (a checkpoint without one?); load the model's "
+                             "text encoders (FLUX.1: DualCLIPLoader, type flux) and connect them.")
     family = _family(diffusion_model)
     latent_format = model.get_model_object("latent_format")
     ratio = getattr(latent_format, "spacial_downscale_ratio", 8)
@@ -371,10 +378,13 @@ def generate_teacher_data(model, clip, prompts, folder, count, width, height, st
              folder, width, height, steps, "no guidance input" if guidance is None else f"guidance {guidance:g}")
 
     start = time.monotonic()
+    conds = {}
     for n, i in enumerate(todo):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        prompt = prompts[i % len(prompts)]
-        cond = _conditioning(clip, prompt, guidance)
+        if i not in conds:  # the text encoder runs for the next ENCODE_AHEAD samples at once, so that where
+            conds = {j: _conditioning(clip, prompts[j % len(prompts)], guidance)  # it and the model do not
+                     for j in todo[n:n + ENCODE_AHEAD]}  # fit the GPU together they swap once per chunk
+        prompt, cond = prompts[i % len(prompts)], conds.pop(i)
         context, extra = cond[0][0], cond[0][1]
         pooled = extra.get("pooled_output") if pooled_used else None
         if pooled_used and pooled is None:

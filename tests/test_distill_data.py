@@ -195,8 +195,11 @@ def _generate(model, folder, clip=None, count=3, width=SIZE, height=SIZE, guidan
                                    guidance, seed, progress=kw.pop("progress", lambda v, t: None), **kw)
 
 
-def test_sample_equals_direct_sampling_flux1(flux, tmp_path):
-    _generate(flux, tmp_path)
+def test_sample_equals_direct_sampling_flux1(flux, tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "ENCODE_AHEAD", 2)  # prompts encoded two at a time: sample 2 from the second pass
+    clip = TinyClip()
+    _generate(flux, tmp_path, clip=clip)
+    assert clip.calls == 3
     ds = D.TeacherDataset(tmp_path)
     assert len(ds) == 3 and ds.family == "flux1" and ds.latent_shape == (16, SIZE // 8, SIZE // 8)
     assert ds.guidance == 2.0
@@ -298,10 +301,18 @@ def test_refuses_bad_input(flux, tmp_path):
 
     with pytest.raises(D.CLEARDataError, match="CLEAR Attention Patch on it"):
         _generate(patch_model(flux, TRAINING_FREE), tmp_path)
+    not_flux = flux.clone()
+    not_flux.add_object_patch("diffusion_model", torch.nn.Linear(2, 2))
+    with pytest.raises(D.CLEARDataError, match="needs a FLUX-class model; got Linear"):
+        _generate(not_flux, tmp_path)
+    with pytest.raises(D.CLEARDataError, match="no text encoder"):
+        D.generate_teacher_data(flux, None, PROMPTS, tmp_path, 1, SIZE, SIZE, 2, 3.5, 0)
     with pytest.raises(D.CLEARDataError, match="multiple of 16"):
         _generate(flux, tmp_path, width=120)
     with pytest.raises(D.CLEARDataError, match="prompt list is empty"):
         D.generate_teacher_data(flux, TinyClip(), ["", "  "], tmp_path, 1, SIZE, SIZE, 2, 3.5, 0)
+    with pytest.raises(D.CLEARDataError, match="prompt list is empty"):
+        D.generate_teacher_data(flux, TinyClip(), "# only a comment\n", tmp_path, 1, SIZE, SIZE, 2, 3.5, 0)
     with pytest.raises(D.CLEARDataError, match="pooled text vector"):
         _generate(flux, tmp_path, clip=TinyClip(pooled=False))
     assert not any(name.startswith("sample_") for name in os.listdir(tmp_path))
