@@ -758,11 +758,14 @@ class CLEARAttentionPatch:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "A FLUX.1 model (dev, schnell, fine-tunes, Fill/Depth/Canny)."}),
+            "model": ("MODEL", {"tooltip": "A FLUX.1 model (dev, schnell, fine-tunes, Fill/Depth/Canny), or another "
+                                           "FLUX-class model (FLUX.2, Klein) with training-free CLEAR or weights "
+                                           "CLEAR Distill trained for it."}),
             "weights": (weight_choices(), {
                 "default": "clear_local_16.safetensors",
                 "tooltip": "Distilled CLEAR weights from models/clear (the published files download on first "
-                           "use). clear_local_<r>: radius r; _down_4: plus 4x4 pooled tokens. "
+                           "use). clear_local_<r>: radius r; _down_4: plus 4x4 pooled tokens. Files CLEAR "
+                           "Distill trained are listed too (for FLUX.2/Klein only those trained for it). "
                            "'none (training-free)' keeps the model's own weights."}),
             "window_size": ("INT", {
                 "default": 0, "min": 0, "max": 256,

@@ -23,6 +23,14 @@ applies it to each quantized weight right after dequantizing it, at every
 forward (so the untouched rows keep their quantized values). Tensors stay on
 CPU in the file's dtype. Unknown keys in a file are an error, not skipped:
 a file that is not exactly a CLEAR file for this model must not half-apply.
+
+Trained files (CLEAR Distill, save_trained_weights) use the same names for any
+FLUX-class model (no biases where the model has none, e.g. FLUX.2), or a LoRA
+per projection (``<name>.lora_down.weight`` / ``lora_up.weight`` / ``alpha``),
+which becomes ComfyUI's own LoRAAdapter patch on the same slice: additive, so
+it commutes with the user's LoRAs. Their ``clear.*`` metadata names the model
+family and shape they fit (docs/distill.md, "File layout"); a file without it
+is FLUX.1's published layout.
 """
 
 import logging
@@ -175,6 +183,19 @@ def file_prefix(kind, index, proj):
     return f"{_BLOCK_NAMES[kind]}.{index}.attn.{proj}"
 
 
+def model_target(kind, index, proj, hidden):
+    """Where a file projection lives in ComfyUI's fused FLUX: (weight key, offset)
+    with offset ``(0, start_row, hidden)`` for q/k/v (rows of img_attn.qkv or
+    single_blocks.linear1) and None for to_out.0 (all of img_attn.proj); the
+    bias key is the same with ``.bias``. The keys and offsets of add_patches."""
+    file_prefix(kind, index, proj)  # validates proj
+    if proj == "to_out.0":
+        return f"diffusion_model.double_blocks.{index}.img_attn.proj.weight", None
+    fused = (f"diffusion_model.double_blocks.{index}.img_attn.qkv" if kind == "double"
+             else f"diffusion_model.single_blocks.{index}.linear1")
+    return f"{fused}.weight", (0, ("to_q", "to_k", "to_v").index(proj) * hidden, hidden)
+
+
 def model_fingerprint(diffusion_model):
     """The shape of a FLUX-class model as far as CLEAR files depend on it:
     ``"hidden=3072,heads=24,double=19,single=38,bias=1"`` (FLUX.1-dev; bias: the
@@ -302,8 +323,10 @@ def save_trained_weights(path, tensors, *, fmt, window_size, down_factor, family
     for name, value in (("window_size", window_size), ("down_factor", down_factor), ("steps", steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "steps" else 1):
             bad(f"{name} must be an integer >= {0 if name == 'steps' else 1}, got {value!r}")
-    if not isinstance(family, str) or not family:
-        bad(f"family must be a model family name (e.g. 'flux1', 'flux2'), got {family!r}")
+    from .clear_patch import FAMILIES
+
+    if family not in FAMILIES:
+        bad(f"family must be one of {sorted(FAMILIES)} (clear_patch.flux_family of the model), got {family!r}")
     try:
         expected = trained_file_shapes(fingerprint, fmt, rank, down_factor)
     except ValueError as exc:
@@ -670,19 +693,12 @@ def load_clear_weights(path, model_patcher):
 
     patches, spatial = {}, {}
     for (kind, i), names in layers.items():
-        key_prefix = f"{_BLOCK_NAMES[kind]}.{i}.attn."
-        if kind == "double":
-            fused = f"diffusion_model.double_blocks.{i}.img_attn.qkv"
-            proj = f"diffusion_model.double_blocks.{i}.img_attn.proj"
-            patches[f"{proj}.weight"] = patch(names, "to_out.0", key_prefix)
-            if "to_out.0.bias" in names:
-                patches[f"{proj}.bias"] = ("set", (names["to_out.0.bias"],))
-        else:
-            fused = f"diffusion_model.single_blocks.{i}.linear1"
-        for row, name in enumerate(("to_q", "to_k", "to_v")):
-            patches[(f"{fused}.weight", (0, row * hidden, hidden))] = patch(names, name, key_prefix)
-            if f"{name}.bias" in names:
-                patches[(f"{fused}.bias", (0, row * hidden, hidden))] = ("set", (names[f"{name}.bias"],))
+        for proj in PROJECTIONS[kind]:
+            key, offset = model_target(kind, i, proj, hidden)
+            bias_key = key[:-len("weight")] + "bias"
+            patches[key if offset is None else (key, offset)] = patch(names, proj, f"{_BLOCK_NAMES[kind]}.{i}.attn.")
+            if f"{proj}.bias" in names:
+                patches[bias_key if offset is None else (bias_key, offset)] = ("set", (names[f"{proj}.bias"],))
         if "spatial_weight" in names:
             spatial[(kind, i)] = names["spatial_weight"]
     down_factor = down_factors.pop() if down_factors else 1

@@ -105,11 +105,14 @@ def rel(a, b):
 # --------------------------------------------------------------------------
 # save -> load through the patch node == the weights applied by hand
 
-@pytest.mark.parametrize("family", ["flux1", "flux2"])
-def test_trained_file_through_patch_node_equals_weights_set_by_hand(env, family, tmp_path):
+def test_trained_file_through_patch_node_equals_weights_set_by_hand(env, tmp_path):
+    """FLUX.1 (with attention biases) and, where ComfyUI builds it, FLUX.2 (Klein-shaped, none)."""
     W, clear_patch = env
-    if family not in _families():
-        pytest.skip(f"this ComfyUI cannot build {family}")
+    for family in _families():
+        _check_against_hand(W, clear_patch, family, tmp_path)
+
+
+def _check_against_hand(W, clear_patch, family, tmp_path):
     model, channels = _model(family)
     fingerprint = W.model_fingerprint(model.model.diffusion_model)
     assert fingerprint == f"hidden={H},heads=2,double=2,single=2,bias={int(family == 'flux1')}"
@@ -266,17 +269,23 @@ def test_save_refuses_bad_state_before_writing(env, tmp_path):
         with pytest.raises(ValueError, match=re.escape(why)):
             save(W, path, model, state, fmt)
         assert not path.exists() and list(tmp_path.iterdir()) == [], name
+    with pytest.raises(ValueError, match="family must be one of"):
+        save(W, path, model, good, "lora", family="FLUX.2")
     with pytest.raises(ValueError, match="not a CLEAR model fingerprint"):
         W.save_trained_weights(str(path), good, fmt="lora", window_size=3, down_factor=1, family="flux1",
                                fingerprint="hidden=256", base_hash="0", steps=1, final_loss=0.1, rank=4, alpha=2.0)
 
 
-@pytest.mark.parametrize("family", ["flux1", "flux2"])
-def test_file_of_one_family_is_refused_on_the_other(env, family, tmp_path):
+def test_file_of_one_family_is_refused_on_the_other(env, tmp_path):
+    """Where ComfyUI builds FLUX.2 (0.33; 0.3.64 cannot: there the FLUX.1 side
+    is test_mismatched_files_raise_one_clear_error's "family" case)."""
     W, clear_patch = env
-    if "flux2" not in _families():
-        pytest.skip("this ComfyUI cannot build FLUX.2")
-    other = "flux2" if family == "flux1" else "flux1"
+    if "flux2" in _families():
+        for family, other in (("flux1", "flux2"), ("flux2", "flux1")):
+            _check_refused(W, clear_patch, family, other, tmp_path)
+
+
+def _check_refused(W, clear_patch, family, other, tmp_path):
     model, _ = _model(family)
     target, _ = _model(other)
     path = save(W, tmp_path / f"{family}.safetensors", model,
@@ -384,3 +393,24 @@ def test_base_model_hash_of_gguf_quantized_weights(env):
     q2.reshape(-1)[5] ^= 1
     tensor2 = ops.GGMLTensor(torch.from_numpy(q2), tensor_type=gguf.GGMLQuantizationType.Q8_0, tensor_shape=value.shape)
     assert W._raw_bytes(tensor2)[0] != data
+
+
+def test_lora_file_on_a_gguf_model(env, tmp_path):
+    """ComfyUI-GGUF applies the CLEAR LoRA patches to its quantized q/k/v rows
+    right after dequantizing them: it samples like the float model with the same
+    file, within Q8_0's rounding, and far from training-free CLEAR."""
+    from _gguf import import_comfyui_gguf, tiny_gguf_flux
+
+    W, clear_patch = env
+    plain, _ = tiny_gguf_flux()  # skips without gguf / ComfyUI-GGUF
+    quantized = import_comfyui_gguf().nodes.GGUFModelPatcher.clone(plain)  # as its UnetLoaderGGUF does
+    dense = make_tiny_flux()
+    fingerprint = W.model_fingerprint(dense.model.diffusion_model)
+    assert W.model_fingerprint(quantized.model.diffusion_model) == fingerprint
+    path = save(W, tmp_path / "lora.safetensors", dense, trained_state(W, fingerprint, "lora", seed=12), "lora")
+    latent = torch.randn(1, 16, 10, 12, generator=torch.Generator().manual_seed(5))
+    out, expected, plain = (sample_one_step(m, latent, conditioning(6, seed=6), 0, inference_mode=True) for m in (
+        clear_patch.patch_model(quantized, path), clear_patch.patch_model(dense, path),
+        clear_patch.patch_model(quantized, W.TRAINING_FREE, 3, 1)))
+    assert rel(out, expected) < 2e-2, rel(out, expected)
+    assert rel(plain, expected) > 10 * rel(out, expected)
