@@ -231,15 +231,16 @@ def _free_port():
 def _assert_same_weights(path, single_run):
     """Tolerance: float32 rounding of DDP's gradient all-reduce (sum order)
     through AdamW, whose first steps move each weight by about +-lr whatever
-    its gradient's size: measured 1.4e-5 at most (a few elements with
-    near-zero gradients); ranks that trained on the wrong samples differ by
-    ~lr = 1e-2."""
+    its gradient's size, so an element whose gradient is near AdamW's eps
+    (1e-8) turns a rounding difference into up to ~lr * 1e-2: measured at most
+    2.1e-4 (one element in 1024; ComfyUI 0.3.64), relative norm 1e-4. Ranks
+    that trained on the wrong samples differ by ~lr = 1e-2 on most elements."""
     tensors, meta = _read_weights(path)
     single, single_meta = single_run
     assert sorted(tensors) == sorted(single) and meta["clear.steps"] == single_meta["clear.steps"]
     for key, value in tensors.items():
-        torch.testing.assert_close(value, single[key], rtol=0, atol=1e-4, msg=key)
-        assert (value - single[key]).norm() <= 1e-4 * single[key].norm(), key
+        torch.testing.assert_close(value, single[key], rtol=0, atol=1e-3, msg=key)
+        assert (value - single[key]).norm() <= 1e-3 * single[key].norm(), key
 
 
 def _rank(rank, port, argv):
