@@ -273,6 +273,21 @@ class _RowsWrapper:
         return torch.cat(pieces + ([weight[end:]] if end < weight.shape[0] else []), 0)
 
 
+class _Copied:
+    """Weight wrapper that only makes ComfyUI cast a copy: weights loaded under
+    torch.inference_mode (as ComfyUI runs loader nodes) cannot be saved for
+    backward, their copies made outside it can."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, weight):
+        return weight
+
+
+_OURS = (_RowsWrapper, _Copied)
+
+
 def _name(kind, index, proj):
     return f"{kind}_{index}_{proj}"
 
@@ -380,6 +395,16 @@ class DistillLoss(torch.nn.Module):
             student.add_weight_wrapper(key + ".weight", _RowsWrapper(self, parts, bias=False))
             if self.mode == "full" and getattr(_module(flux, key), "bias", None) is not None:
                 student.add_weight_wrapper(key + ".bias", _RowsWrapper(self, parts, bias=True))
+        wrapped = set(student.weight_wrapper_patches)
+        copied = _Copied()
+        for module_name, module in flux.named_modules():
+            if not hasattr(module, "comfy_cast_weights"):
+                continue
+            for attr in ("weight", "bias"):
+                t = getattr(module, attr, None)
+                key = f"diffusion_model.{module_name}.{attr}"
+                if isinstance(t, torch.Tensor) and t.is_inference() and key not in wrapped:
+                    student.add_weight_wrapper(key, copied)
         self.__dict__["student"] = student  # a ModelPatcher: not a submodule
         self.__dict__["flux"] = flux
         self.attn_blocks = [i for i in range(len(flux.single_blocks)) if i % ATTN_LOSS_EVERY == 0]
@@ -405,8 +430,8 @@ class DistillLoss(torch.nn.Module):
         for module in self.flux.modules():  # ComfyUI leaves weight functions of a full load in place
             for attr in ("weight_function", "bias_function"):
                 functions = module.__dict__.get(attr)
-                if functions and any(isinstance(f, _RowsWrapper) for f in functions):
-                    setattr(module, attr, [f for f in functions if not isinstance(f, _RowsWrapper)])
+                if functions and any(isinstance(f, _OURS) for f in functions):
+                    setattr(module, attr, [f for f in functions if not isinstance(f, _OURS)])
 
     @property
     def device(self):
@@ -952,3 +977,83 @@ def distill(model, dataset, settings, output_name, *, resume=True, vae=None, pro
     process trains its shard and rank 0 writes the files."""
     with torch.inference_mode(False), training_mode():
         return _Trainer(model, dataset, settings, output_name, resume, vae, progress).run()
+
+
+# ---------------------------------------------------------------------------
+# The node
+
+class CLEARDistill:
+    DESCRIPTION = (
+        "Distils CLEAR attention weights for the connected FLUX-family model from its own teacher data (the "
+        "'CLEAR Distill: Teacher Data' node): trains the image-stream attention projections (and the pooled "
+        "keys' weights when down_factor > 1) so that the model with CLEAR local attention matches the model "
+        "with full attention. Writes models/clear/<output_name>.safetensors, which the CLEAR Attention Patch "
+        "loads. Saves a checkpoint every checkpoint_every steps and on Cancel; queue it again to resume.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("weights", "previews")
+    OUTPUT_TOOLTIPS = ("The trained file's name in models/clear (pick it in the CLEAR Attention Patch).",
+                       "The last preview: student, teacher and training-free CLEAR from the same noise on the "
+                       "first dataset prompt (a black image without previews).")
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = DistillSettings()
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The FLUX-family model to distil (the same one that made the dataset), "
+                                           "without the CLEAR Attention Patch."}),
+            "dataset": ("CLEAR_DATASET", {"tooltip": "Teacher data from the 'CLEAR Distill: Teacher Data' node."}),
+            "output_name": ("STRING", {"default": "clear_local_16_mymodel",
+                                       "tooltip": "File name in models/clear (.safetensors added). The checkpoint "
+                                                  "<name>.state.pt sits beside it; the same name resumes."}),
+            "window_size": ("INT", {"default": d.window_size, "min": 1, "max": 256,
+                                    "tooltip": "CLEAR radius in tokens (16 px each) to train for."}),
+            "down_factor": ("INT", {"default": d.down_factor, "min": 1, "max": MAX_DOWN_FACTOR,
+                                    "tooltip": "Pooled d x d keys (1 = off; the published _down_4 files use 4)."}),
+            "mode": (list(MODES), {"default": d.mode, "tooltip": "lora: low-rank adapters (less memory, stacks as "
+                                                                  "weight patches); full: the projections' weights."}),
+            "rank": ("INT", {"default": d.rank, "min": 1, "max": 3072, "tooltip": "LoRA rank per projection."}),
+            "steps": ("INT", {"default": d.steps, "min": 1, "max": 1000000, "tooltip": "Optimiser steps."}),
+            "batch_size": ("INT", {"default": d.batch_size, "min": 1, "max": 64, "tooltip": "Samples per micro-step."}),
+            "grad_accum": ("INT", {"default": d.grad_accum, "min": 1, "max": 1024,
+                                   "tooltip": "Micro-steps per optimiser step."}),
+            "optimizer": (list(OPTIMIZERS), {"default": d.optimizer, "tooltip": "prodigy (the authors', lr 1.0), "
+                                                                                "adamw (lr ~1e-4), adamw8bit "
+                                                                                "(needs bitsandbytes)."}),
+            "learning_rate": ("FLOAT", {"default": d.learning_rate, "min": 1e-8, "max": 10.0, "step": 1e-6,
+                                        "tooltip": "Prodigy: 1.0; AdamW: ~1e-4."}),
+            "loss_fm": ("FLOAT", {"default": d.loss_fm, "min": 0.0, "max": 10.0, "step": 0.05,
+                                  "tooltip": "Weight of flow matching against the data."}),
+            "loss_distill": ("FLOAT", {"default": d.loss_distill, "min": 0.0, "max": 10.0, "step": 0.05,
+                                       "tooltip": "Weight of matching the teacher's prediction."}),
+            "loss_attn": ("FLOAT", {"default": d.loss_attn, "min": 0.0, "max": 10.0, "step": 0.05,
+                                    "tooltip": "Weight of matching the teacher's attention outputs (single blocks "
+                                               "0, 4, 8, ...)."}),
+            "checkpoint_every": ("INT", {"default": d.checkpoint_every, "min": 0, "max": 1000000,
+                                         "tooltip": "Save <name>.state.pt every N steps (0: only on Cancel and "
+                                                    "at the end)."}),
+            "preview_every": ("INT", {"default": d.preview_every, "min": 0, "max": 1000000,
+                                      "tooltip": "Show a preview every N steps (0: none)."}),
+            "seed": ("INT", {"default": d.seed, "min": 0, "max": 2 ** 63 - 1,
+                             "tooltip": "Seed of sample order, noise, timesteps and the adapters' start."}),
+        }, "optional": {
+            "vae": ("VAE", {"tooltip": "Decodes the previews; without it they are the latents' rough colours."}),
+        }}
+
+    def train(self, model, dataset, output_name, window_size, down_factor, mode, rank, steps, batch_size, grad_accum,
+              optimizer, learning_rate, loss_fm, loss_distill, loss_attn, checkpoint_every, preview_every, seed,
+              vae=None):
+        settings = DistillSettings(window_size=window_size, down_factor=down_factor, mode=mode, rank=rank,
+                                   steps=steps, batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer,
+                                   learning_rate=learning_rate, loss_fm=loss_fm, loss_distill=loss_distill,
+                                   loss_attn=loss_attn, checkpoint_every=checkpoint_every,
+                                   preview_every=preview_every, seed=seed)
+        result = distill(model, dataset, settings, output_name, vae=vae)
+        previews = result.previews if result.previews is not None else torch.zeros(1, 64, 64, 3)
+        return (os.path.basename(result.path), previews)
+
+
+NODE_CLASS_MAPPINGS = {"CLEARDistill": CLEARDistill}
+NODE_DISPLAY_NAME_MAPPINGS = {"CLEARDistill": "CLEAR Distill"}

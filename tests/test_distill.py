@@ -390,3 +390,23 @@ def test_gguf_base_is_refused(comfyui, tmp_path):
     folder = _dataset(tmp_path / "data", flux_tiny.make_tiny_flux(), 16, count=1)
     with pytest.raises(distill.CLEARDistillError, match="GGUF"):
         distill.distill(model, folder, distill.DistillSettings(steps=1, optimizer="adamw"), str(tmp_path / "o"))
+
+
+def test_node_under_inference_mode(comfyui, tmp_path):
+    """The CLEAR Distill node as ComfyUI runs nodes (torch.inference_mode, a
+    model loaded under it): it trains, writes the file into the given path and
+    returns a preview of student | teacher | training-free CLEAR."""
+    flux_tiny, distill, _ = _setup(comfyui)
+    import nodes as comfy_nodes  # noqa: F401  (ComfyUI's node module: the executor's environment)
+
+    from comfyui_clear.nodes import NODE_CLASS_MAPPINGS
+
+    assert NODE_CLASS_MAPPINGS["CLEARDistill"] is distill.CLEARDistill
+    with torch.inference_mode():
+        model = flux_tiny.make_tiny_flux()
+    folder = _dataset(tmp_path / "data", flux_tiny.make_tiny_flux(), 16, count=1)
+    with torch.inference_mode():
+        name, previews = distill.CLEARDistill().train(
+            model, folder, str(tmp_path / "node_out"), 1, 1, "lora", 2, 1, 1, 1, "adamw", 1e-3, 1.0, 0.5, 0.5, 0, 1, 0)
+    assert name == "node_out.safetensors" and os.path.isfile(tmp_path / name)
+    assert previews.shape == (3, 16, 16, 3)
