@@ -65,7 +65,7 @@ NOTE_W = 420  # MarkdownNote: renders markdown at 10 px in a 400 px wide box at 
 # LiteGraph's own group colours (light enough for the group titles to read)
 COLORS = {"models": "#88A", "prompt": "#b58b2a", "base": "#8A8", "upscale": "#a1309b", "clear": "#3f789e",
           "decode": "#A88", "controlnet": "#b06634"}
-DISTILL_OUTPUT = "my_flux_clear_16"  # CLEAR Distill's output_name: models/clear/<this>.safetensors
+DISTILL_OUTPUT = "clear_local_16_mymodel"  # CLEAR Distill's output_name: models/clear/<this>.safetensors
 
 
 def note_height(text):
