@@ -489,7 +489,7 @@ def _family_name(family):
     return FAMILIES.get(family, family)
 
 
-def _check_trained_for(model_patcher, meta, fail):
+def _check_trained_for(model_patcher, meta, fail, path):
     """The file's clear.family (none: FLUX.1, the published layout) and
     clear.fingerprint against the loaded model: one error naming both."""
     import comfy.ldm.flux.model
@@ -521,7 +521,7 @@ def _check_trained_for(model_patcher, meta, fail):
         if here != base:
             from .runtime import warn_once
 
-            warn_once(f"CLEAR: weight file was trained on another base model (clear.base_model={base}, this "
+            warn_once(f"CLEAR: weight file {path} was trained on another base model (clear.base_model={base}, this "
                       f"model: {here}); it fits this model's shape, but quality may differ from the training.")
 
 
@@ -584,7 +584,7 @@ def load_clear_weights(path, model_patcher):
         raise CLEARWeightsError(f"CLEAR weight file {path}: {problem}.")
 
     meta = _file_metadata(path)
-    _check_trained_for(model_patcher, meta, fail)  # before the layout: says which model the file is for
+    _check_trained_for(model_patcher, meta, fail, path)  # before the layout: says which model the file is for
     published = "clear.family" not in meta
     double_ids, single_ids, hidden = _flux_layout(model_patcher, fail, biases=True if published else None)
     has_bias = f"diffusion_model.double_blocks.{double_ids[0]}.img_attn.qkv.bias" in model_patcher.model_state_dict()

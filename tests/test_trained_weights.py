@@ -342,6 +342,19 @@ def test_metadata_round_trip_and_catalogue(env, clear_folders, tmp_path):
     assert not [p for p in tmp_path.rglob("*.tmp")]  # the atomic write left no temporary file
 
 
+def test_other_base_model_of_the_same_shape_loads_with_a_warning(env, tmp_path, caplog):
+    W, _ = env
+    model = make_tiny_flux(seed=0)
+    state = trained_state(W, W.model_fingerprint(model.model.diffusion_model), "lora")
+    path = save(W, tmp_path / "base_check.safetensors", model, state, "lora")
+    with caplog.at_level("WARNING"):
+        W.load_clear_weights(path, model)
+        assert "another base model" not in caplog.text
+        fine_tune = make_tiny_flux(seed=1)  # same shape, other weights
+        assert W.load_clear_weights(path, fine_tune).format == "lora"
+    assert f"{path} was trained on another base model (clear.base_model={W.base_model_hash(model)}" in caplog.text
+
+
 def test_base_model_hash_is_stable_and_sensitive(env):
     W, _ = env
     import comfy.sd
