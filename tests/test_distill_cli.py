@@ -355,3 +355,18 @@ def test_model_by_name_in_models_folder(files, monkeypatch):
                         ([str(files["base"])], folder_paths.supported_pt_extensions))
     assert distill_cli._resolve_file("diffusion_models", "flux_tiny.safetensors", "Diffusion model",
                                      "--model") == files["model"]
+
+
+def test_train_defaults_are_the_nodes():
+    """train's options default to CLEAR Distill's inputs (both from DistillSettings), every field mapped."""
+    import dataclasses
+
+    from comfyui_clear.nodes import distill_cli
+    from comfyui_clear.nodes.distill import DistillSettings
+
+    args = distill_cli.build_parser().parse_args(["train", "--model", "m", "--dataset", "d", "--output", "o"])
+    assert dataclasses.asdict(distill_cli.settings_from_args(args)) == dataclasses.asdict(DistillSettings())
+    args = distill_cli.build_parser().parse_args(["train", "--model", "m", "--output", "o", "--rank", "8",
+                                                  "--loss-attn", "0.25", "--grad-accum", "4", "--seed", "3"])
+    settings = distill_cli.settings_from_args(args)
+    assert (settings.rank, settings.loss_attn, settings.grad_accum, settings.seed) == (8, 0.25, 4, 3)
