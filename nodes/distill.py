@@ -871,6 +871,25 @@ class _Trainer:
         optimizer.zero_grad(set_to_none=True)
         return float(value), parts_sum
 
+    def check_interrupt(self):
+        """ComfyUI's interrupt (Cancel in the UI, Ctrl-C on the command line), agreed
+        by every process: one rank stopping alone would leave the others waiting in
+        DDP's all-reduce, and rank 0 would never save the checkpoint."""
+        import comfy.model_management as mm
+
+        if self.world == 1:
+            mm.throw_exception_if_processing_interrupted()
+            return
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if mm.processing_interrupted() else 0.0])
+        if dist.get_backend() == "nccl":
+            flag = flag.to(self.loss.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            mm.interrupt_current_processing(False)
+            raise mm.InterruptProcessingException()
+
     def run(self):
         import comfy.model_management
         import comfy.utils
@@ -894,7 +913,7 @@ class _Trainer:
             step = start
             try:
                 while step < s.steps:
-                    comfy.model_management.throw_exception_if_processing_interrupted()
+                    self.check_interrupt()
                     begin = time.perf_counter()
                     value, parts = self.step(step, module, optimizer, params)
                     step += 1
@@ -908,7 +927,10 @@ class _Trainer:
                     pbar.update_absolute(step, s.steps, preview)
                     if s.checkpoint_every and step % s.checkpoint_every == 0 and step < s.steps:
                         self.save_state(step, optimizer)
-            except (comfy.model_management.InterruptProcessingException, KeyboardInterrupt):
+            except comfy.model_management.InterruptProcessingException:
+                # Raised between steps only (here, in the progress bar, in a preview), so the state
+                # is whole. A KeyboardInterrupt (a second Ctrl-C on the command line) may land inside
+                # optimizer.step(): it aborts, and the last periodic checkpoint stands.
                 self.save_state(step, optimizer)
                 log.info("CLEAR Distill: interrupted at step %d; saved %s (run again to resume)", step,
                          self.state_file)

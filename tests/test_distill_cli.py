@@ -280,6 +280,48 @@ def test_two_processes_equal_one_at_twice_the_batch(files, dataset, single_run):
     _assert_same_weights(str(out) + ".safetensors", single_run)
 
 
+def _rank_cancelling_alone(rank, port, argv):
+    """A worker whose rank 1 alone sees ComfyUI's interrupt, after its first step."""
+    if rank == 1:
+        import comfy.model_management as mm
+
+        from comfyui_clear.nodes import distill
+
+        real_step = distill._Trainer.step
+
+        def step(self, *args, **kwargs):
+            out = real_step(self, *args, **kwargs)
+            mm.interrupt_current_processing(True)
+            return out
+
+        distill._Trainer.step = step
+    _rank(rank, port, argv)
+
+
+def test_an_interrupt_on_one_rank_stops_every_rank(files, dataset):
+    """Ctrl-C reaching one torchrun worker before the other: both stop after the
+    same step (a rank stopping alone would leave the other waiting in DDP's
+    all-reduce) and rank 0 saves the checkpoint of that step."""
+    import multiprocessing
+
+    out = files["base"] / "cancelled" / "tiny_clear"
+    argv = ["train", "--cpu", "--model", files["model"], "--dataset", str(dataset), "--output", str(out),
+            "--batch-size", "1", *TRAIN]
+    ctx = multiprocessing.get_context("fork")
+    port = _free_port()
+    workers = [ctx.Process(target=_rank_cancelling_alone, args=(rank, port, argv)) for rank in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+    assert [w.exitcode for w in workers] == [130, 130]
+    assert sorted(os.listdir(out.parent)) == ["tiny_clear.state.pt"]
+    assert torch.load(str(out) + ".state.pt", weights_only=False)["step"] == 1
+
+
 @pytest.mark.slow  # two fresh processes import torch and ComfyUI: about a minute on 2 busy cores
 def test_torchrun_two_processes_equal_one_at_twice_the_batch(files, dataset, single_run):
     """The user's launch: a real torchrun --nproc_per_node 2 (gloo on 127.0.0.1)
