@@ -407,7 +407,7 @@ def test_node_through_the_executor(comfyui, tmp_path, monkeypatch):
         comfy.model_management.unload_all_models()
 
 
-def test_teacher_data_into_clear_distill(comfyui, tmp_path, monkeypatch, request):
+def test_teacher_data_into_clear_distill(comfyui, tmp_path, monkeypatch):
     """The template's second step: the node's dataset output into CLEAR Distill
     (one training step; tests/test_distill.py trains). The teacher data is
     made beforehand, so the queued teacher node only finds it complete."""
@@ -426,11 +426,6 @@ def test_teacher_data_into_clear_distill(comfyui, tmp_path, monkeypatch, request
         "down_factor": 1, "mode": "lora", "rank": 2, "steps": 1, "batch_size": 1, "grad_accum": 1,
         "optimizer": "adamw", "learning_rate": 1e-3, "loss_fm": 1.0, "loss_distill": 0.5, "loss_attn": 0.5,
         "checkpoint_every": 0, "preview_every": 0, "seed": 0}}
-    import comfyui_version
-    if comfyui_version.__version__ == "0.3.64":  # strict: passes once fixed, and then fails until this goes
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "CLEARDistill (nodes/distill.py) on ComfyUI 0.3.64 with a UNETLoader model in the executor: "
-            "'Inference tensors cannot be saved for backward' in _checkpointed_block")))
     executor = prompt_executor()
     try:
         execute(executor, copy.deepcopy(prompt))
