@@ -383,3 +383,124 @@ def free_cuda_bytes(device=None):
         return None
     free, _total = torch.cuda.mem_get_info(device)
     return free
+
+
+# ---------------------------------------------------------------------------
+# Time per step, modelled from FLOPs (docs/distill.md; not yet measured on a GPU)
+
+# Dense bf16 tensor-core peak (FP32 accumulate, no sparsity), TFLOPS, from the vendors'
+# architecture whitepapers / datasheets; and the memory users have on them (GB).
+GPUS = {
+    "RTX 3090": (71, 24),
+    "RTX 4090": (165, 24),
+    "RTX 5090": (209, 32),
+    "A100": (312, 80),
+    "H100 SXM": (989, 80),
+}
+UTILIZATION = 0.45          # achieved share of peak assumed for this mix (large GEMMs, checkpointing, attention)
+PCIE_BYTES_PER_S = 25e9     # host -> GPU copy rate assumed for block swap (PCIe 4.0 x16, pinned, effective)
+
+
+def step_flops(shape, *, mode="lora", rank=64, width=1024, height=1024, batch_size=1, window_size=16,
+               text_tokens=TEXT_TOKENS):
+    """FLOPs of one training step: teacher forward (dense attention) + student
+    forward (CLEAR) + its recompute + backward (input gradients through every
+    block, weight gradients of the trained set; CLEAR's backward ~2x its forward)."""
+    if isinstance(shape, str):
+        shape = SHAPES[shape]
+    N = (width // 16) * (height // 16)
+    L = text_tokens + N
+    h = shape.hidden
+    block_params = shape.double * shape.block_params("double") + shape.single * shape.block_params("single")
+    linear = 2 * block_params * L                                # one forward's matmuls
+    layers = shape.double + shape.single
+    dense_attention = layers * 4 * L * L * h                     # QK^T and PV
+    keys = text_tokens + min(N, math.pi * window_size ** 2)      # CLEAR: text keys + the local disc
+    clear_attention = layers * 4 * (N * keys + text_tokens * L) * h
+    trained = trainable_params(shape, mode, rank)[0]
+    weight_grads = 2 * trained * L
+    teacher = linear + dense_attention
+    student = linear + clear_attention
+    backward = linear + 2 * clear_attention + weight_grads
+    return batch_size * (teacher + 2 * student + backward)
+
+
+def step_seconds(shape, gpu, block_swap=0, **kwargs):
+    """Modelled seconds per step on ``gpu`` (a GPUS key): FLOPs at UTILIZATION of
+    peak, plus the swapped blocks' fp8 weights copied in three times (teacher,
+    student forward, recompute) at PCIE_BYTES_PER_S."""
+    if isinstance(shape, str):
+        shape = SHAPES[shape]
+    tflops, _ = GPUS[gpu]
+    compute = step_flops(shape, **kwargs) / (tflops * 1e12 * UTILIZATION)
+    swapped = min(block_swap, shape.single) * shape.block_params("single") + \
+        max(0, min(block_swap - shape.single, shape.double)) * shape.block_params("double")
+    return compute + 3 * swapped / PCIE_BYTES_PER_S
+
+
+def min_block_swap(shape, free_bytes, **kwargs):
+    """Fewest blocks to swap to the CPU for ``estimate(shape, ...)`` to fit, or None."""
+    if isinstance(shape, str):
+        shape = SHAPES[shape]
+    for n in range(shape.double + shape.single + 1):
+        if estimate(shape, block_swap=n, **kwargs).total <= free_bytes:
+            return n
+    return None
+
+
+# The runs docs/distill.md tabulates: (shape, label, estimate() settings).
+RUNS = [
+    ("flux1-dev", "LoRA r64, fp8 base, Prodigy", dict(mode="lora", rank=64, base_bytes_per_param=1)),
+    ("flux1-dev", "LoRA r64, bf16 base, Prodigy", dict(mode="lora", rank=64, base_bytes_per_param=2)),
+    ("flux1-dev", "full, fp8 base, 8-bit AdamW", dict(mode="full", base_bytes_per_param=1, optimizer="adamw8bit")),
+    ("flux1-dev", "full, fp8 base, Prodigy", dict(mode="full", base_bytes_per_param=1)),
+    ("flux2-klein-4b", "full, bf16 base, 8-bit AdamW", dict(mode="full", base_bytes_per_param=2,
+                                                            optimizer="adamw8bit")),
+    ("flux2-klein-4b", "full, fp8 base, 8-bit AdamW", dict(mode="full", base_bytes_per_param=1,
+                                                           optimizer="adamw8bit")),
+    ("flux2-klein-4b", "full, bf16 base, Prodigy", dict(mode="full", base_bytes_per_param=2)),
+    ("flux2-klein-4b", "LoRA r64, bf16 base, Prodigy", dict(mode="lora", rank=64, base_bytes_per_param=2)),
+    ("flux2-klein-9b", "LoRA r64, fp8 base, Prodigy", dict(mode="lora", rank=64, base_bytes_per_param=1)),
+    ("flux2-klein-9b", "full, fp8 base, 8-bit AdamW", dict(mode="full", base_bytes_per_param=1,
+                                                           optimizer="adamw8bit")),
+    ("flux2-dev", "LoRA r64, fp8 base, Prodigy", dict(mode="lora", rank=64, base_bytes_per_param=1)),
+]
+
+
+def markdown_tables(width=1024, height=1024):
+    """The memory and time tables of docs/distill.md, as markdown."""
+    gpu_names = list(GPUS)
+    out = ["| model | run | weights | trainable + grads + optimiser | activations | total (modelled) | fits |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, label, kw in RUNS:
+        e = estimate(name, width=width, height=height, **kw)
+        p = e.parts
+        fits = [g for g in (16, 24, 32, 48, 80) if e.total <= g * GB]
+        if fits:
+            where = f"{fits[0]} GB"
+        else:
+            swap = min_block_swap(name, 24 * GB, width=width, height=height, **kw)
+            where = f"24 GB only with block swap ({swap} blocks)*" if swap is not None else "no single GPU"
+        out.append(f"| {SHAPE_NAMES[name]} | {label} | {p['base weights'] / GB:.1f} GB | "
+                   f"{(p['trainable'] + p['gradients'] + p['optimizer']) / GB:.1f} GB | {p['activations'] / GB:.1f} GB |"
+                   f" {e.total / GB:.1f} GB | {where} |")
+    out += ["", "| model | run | PFLOP / sample | " + " | ".join(f"{g} s/step" for g in gpu_names) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in gpu_names) + " |"]
+    for name, label, kw in RUNS:
+        if "Prodigy" in label and "bf16" in label and name != "flux2-klein-4b":
+            continue
+        e = estimate(name, width=width, height=height, **kw)
+        flops = step_flops(name, mode=kw["mode"], rank=kw.get("rank", 64), width=width, height=height)
+        cells = []
+        for g in gpu_names:
+            tflops, mem = GPUS[g]
+            swap = 0 if e.total <= mem * GB else min_block_swap(name, mem * GB, width=width, height=height, **kw)
+            cells.append("does not fit" if swap is None else
+                         f"{step_seconds(name, g, block_swap=swap, mode=kw['mode'], width=width, height=height):.1f}"
+                         + (f" (swap {swap})*" if swap else ""))
+        out.append(f"| {SHAPE_NAMES[name]} | {label} | {flops / 1e15:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m comfyui_clear.nodes.distill_memory: the tables of docs/distill.md
+    print(markdown_tables())
