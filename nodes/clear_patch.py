@@ -76,6 +76,21 @@ def attention_scale(head_dim, text_len, grid, down_factor, proportional):
 # (a TeaCache-style forward_orig drops them). Per thread: ComfyUI's multi-GPU
 # worker threads each run their own call.
 _RUN = contextvars.ContextVar("comfyui_clear_run", default=None)
+# Set by the distillation trainer for its teacher pass: blocks called outside a
+# CLEAR model call run their own forward (dense attention) instead of refusing.
+_PASS_THROUGH = contextvars.ContextVar("comfyui_clear_pass_through", default=False)
+
+
+class dense_pass_through:
+    """Context manager: CLEAR-patched blocks called outside a CLEAR model call
+    run as if unpatched (the trainer's teacher pass on the same loaded model)."""
+
+    def __enter__(self):
+        self._token = _PASS_THROUGH.set(True)
+        return self
+
+    def __exit__(self, *exc):
+        _PASS_THROUGH.reset(self._token)
 
 
 class _Run:
@@ -220,6 +235,11 @@ def _clear_forward(*args, clear_block, clear_previous=None, clear_bound=True, cl
     kind, index = clear_block
     options = kwargs.get("transformer_options")
     run = (options.get(RUN_KEY) if options else None) or _RUN.get()
+    if run is None and _PASS_THROUGH.get():
+        block = clear_module() if clear_module is not None else None
+        if clear_previous is None:
+            return type(block).forward(block, *args, **kwargs)
+        return clear_previous(block, *args, **kwargs) if clear_bound else clear_previous(*args, **kwargs)
     if run is None:
         raise CLEARPatchError(
             f"CLEAR: FLUX {kind} block {index} ran outside a model call of the CLEAR model: something calls the "
@@ -364,7 +384,10 @@ def _clear_attention_override(func, *args, previous=None, **kwargs):
             + _forward_orig_note(run.flux if run is not None else None)
             + ". Remove that node or the CLEAR Attention Patch."))
     scale = attention_scale(q.shape[-1], text_len, grid, layer["down_factor"], layer["proportional"])
-    window, down, spatial_weight = _fit_to_grid(layer["window"], layer["down_factor"], layer["spatial_weight"], grid)
+    spatial_weight = layer["spatial_weight"]
+    if isinstance(spatial_weight, _Shared):
+        spatial_weight = spatial_weight.tensor
+    window, down, spatial_weight = _fit_to_grid(layer["window"], layer["down_factor"], spatial_weight, grid)
     out = (clear_attention if band is None else band.attention)(q, k, v, text_len=text_len, grid=grid, window=window,
                                                                 down_factor=down, spatial_weight=spatial_weight,
                                                                 scale=scale)
@@ -445,6 +468,22 @@ def _flux_model(model):
             f"got {type(diffusion_model).__name__}, which it does not support (Chroma, SD3 and other DiTs "
             "place their tokens differently). Connect the output of a FLUX model loader.")
     return diffusion_model
+
+
+class _Shared:
+    """A tensor held by reference through ComfyUI's deep copies of model_options
+    (a trainer's parameter must stay the one the optimiser updates)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 def _check_family(family, weights, proportional_attention):
@@ -624,8 +663,10 @@ def _sample_wrapper(executor, *args, **kwargs):
 
 
 def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down_factor=0,
-                proportional_attention=False, rope_ntk_factor=1.0):
-    """Return a clone of ``model`` (a ComfyUI ModelPatcher of FLUX) running CLEAR."""
+                proportional_attention=False, rope_ntk_factor=1.0, spatial_weights=None):
+    """Return a clone of ``model`` (a ComfyUI ModelPatcher of FLUX) running CLEAR.
+    ``spatial_weights``: {(kind, index): tensor} pooling weights that override
+    the file's (the trainer's parameters; held by reference, not copied)."""
     weights, window_size, down_factor, proportional_attention, rope_ntk_factor = _checked_inputs(
         weights, window_size, down_factor, proportional_attention, rope_ntk_factor)
     diffusion_model = _flux_model(model)
@@ -654,6 +695,8 @@ def patch_model(model, weights="clear_local_16.safetensors", window_size=0, down
         sw = None
         if clear_weights is not None and down == file_down:
             sw = clear_weights.spatial_weights.get((kind, index))
+        if spatial_weights is not None and (kind, index) in spatial_weights:
+            sw = _Shared(spatial_weights[(kind, index)])
         return {"window": window, "down_factor": down, "spatial_weight": sw, "proportional": proportional_attention}
 
     layers = {(kind, i): layer(kind, i) for kind, blocks in (("double", diffusion_model.double_blocks),
