@@ -137,6 +137,26 @@ class ModelShape:
             out += [("single", i, p, h, h, self.ops_bias) for p in ("q", "k", "v")]
         return out
 
+    def unet_config(self):
+        """ComfyUI's unet_config for this shape, as its model detection sets one
+        up (comfy/model_detection.py): to build the model through ComfyUI's
+        classes (tests; bench/distill_step.py). Needs ComfyUI importable."""
+        from .compat import flux_params_extra
+
+        config = {**flux_params_extra(), "image_model": "flux2" if self.global_modulation else "flux",
+                  "in_channels": self.in_channels, "out_channels": self.out_channels, "vec_in_dim": self.vec_dim,
+                  "context_in_dim": self.context_dim, "hidden_size": self.hidden, "mlp_ratio": self.mlp_ratio,
+                  "num_heads": self.heads, "depth": self.double, "depth_single_blocks": self.single,
+                  "patch_size": self.patch_size, "qkv_bias": self.bias, "guidance_embed": self.guidance}
+        rope = [self.head_dim - 2 * (3 * self.head_dim // 8), 3 * self.head_dim // 8, 3 * self.head_dim // 8]
+        if self.global_modulation:  # FLUX.2
+            config.update(axes_dim=[self.head_dim // 4] * 4, theta=2000, global_modulation=True,
+                          mlp_silu_act=self.gated_mlp, ops_bias=self.ops_bias, default_ref_method="index",
+                          ref_index_scale=10.0, txt_ids_dims=[3])
+        else:                       # FLUX.1: [16, 56, 56] at head_dim 128
+            config.update(axes_dim=rope, theta=10000)
+        return config
+
     def capture_blocks(self):
         """Single blocks whose raw attention output the attention loss compares (i % 4 == 0)."""
         return len(range(0, self.single, 4))

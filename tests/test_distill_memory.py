@@ -68,22 +68,6 @@ def test_parameter_counts_equal_the_tiny_modules(comfyui):
             len(model.double_blocks) + len(model.single_blocks))
 
 
-def _unet_config(shape):
-    from comfyui_clear.nodes.compat import flux_params_extra
-
-    config = {**flux_params_extra(), "in_channels": shape.in_channels, "out_channels": shape.out_channels,
-              "vec_in_dim": shape.vec_dim, "context_in_dim": shape.context_dim, "hidden_size": shape.hidden,
-              "mlp_ratio": shape.mlp_ratio, "num_heads": shape.heads, "depth": shape.double,
-              "depth_single_blocks": shape.single, "theta": 10000, "patch_size": shape.patch_size,
-              "qkv_bias": shape.bias, "guidance_embed": shape.guidance}
-    if shape.global_modulation:  # FLUX.2 as comfy/model_detection.py sets it up
-        config.update(axes_dim=[32, 32, 32, 32], theta=2000, global_modulation=True, mlp_silu_act=True,
-                      ops_bias=False, txt_ids_dims=[3])
-    else:
-        config.update(axes_dim=[16, 56, 56])
-    return config
-
-
 @pytest.mark.parametrize("name", sorted(dm.SHAPES))
 def test_full_size_shapes_build_in_comfyui_with_the_modelled_counts(comfyui, name):
     """Each SHAPES entry built by ComfyUI's Flux class on the meta device (no
@@ -94,8 +78,9 @@ def test_full_size_shapes_build_in_comfyui_with_the_modelled_counts(comfyui, nam
     shape = dm.SHAPES[name]
     if shape.global_modulation and "flux2" not in _families(comfyui):
         pytest.skip("this ComfyUI builds FLUX.1 only")
-    model = comfy.ldm.flux.model.Flux(device="meta", operations=comfy.ops.disable_weight_init,
-                                      **_unet_config(shape))
+    config = shape.unet_config()
+    config.pop("image_model")
+    model = comfy.ldm.flux.model.Flux(device="meta", operations=comfy.ops.disable_weight_init, **config)
     assert shape.total_params() == sum(p.numel() for p in model.parameters())
     assert dm.ModelShape.of(model) == shape
     assert dm.trainable_params(shape, "full")[0] == _authors_rows(model)
