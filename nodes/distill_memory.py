@@ -271,13 +271,17 @@ def block_saved_values(shape, kind, tokens, text, mode="lora", rank=64, attentio
 def block_weight_values(shape, kind, base_itemsize, compute_itemsize, mode):
     """Compute-dtype weights the recomputed block's graph keeps until its
     backward: each linear's weight as its forward used it (a frozen linear's
-    input gradient needs it). A base stored in the compute dtype is used as
-    is, except the trained layers' (patched: base + LoRA delta, or the full rows)."""
+    input gradient needs it). A base in another dtype (fp8) is cast layer by
+    layer: the whole block. A base in the compute dtype is used as is, except
+    the trained layers, whose weight the trainer rebuilds (base rows + LoRA
+    delta, or the full rows, concatenated with the untrained rows): the double
+    block's q/k/v and out projections, the single block's whole linear1."""
     h = shape.hidden
-    trained = 4 * h * h if kind == "double" else 3 * h * h
     if base_itemsize != compute_itemsize:
         return shape.block_params(kind)
-    return trained
+    if kind == "double":
+        return 4 * h * h
+    return h * (3 * h + shape.mlp_first)
 
 
 def _attention_capture_values(shape, tokens):
@@ -329,7 +333,10 @@ def estimate(shape, *, mode="lora", rank=64, base_bytes_per_param=1, optimizer="
 
     recompute = max(recompute_bytes("double"), recompute_bytes("single"))
     checkpoints = B * c * (shape.double + shape.single) * tokens * h       # each block's saved input
-    grad_working = B * c * (2 * tokens * h + tokens * (3 * h + shape.mlp_first))  # d(input), d(output), largest d(act)
+    # d(input), d(output) and the largest intermediate gradient of the block; the largest rebuilt
+    # weight's gradient (compute dtype) and its trained rows' float32 gradient
+    grad_working = (B * c * (2 * tokens * h + tokens * (3 * h + shape.mlp_first))
+                    + c * h * (3 * h + shape.mlp_first) + 4 * 3 * h * h)
     capture = B * c * _attention_capture_values(shape, tokens)             # student + teacher halves
     around = B * c * 2 * tokens * h                                        # embeddings, final layer input
     student = checkpoints + recompute + grad_working + capture + around
