@@ -268,7 +268,7 @@ def block_saved_values(shape, kind, tokens, text, mode="lora", rank=64, attentio
                 + 3 * lora)
 
 
-def block_weight_values(shape, kind, base_itemsize, compute_itemsize, mode):
+def block_weight_values(shape, kind, base_itemsize, compute_itemsize):
     """Compute-dtype weights the recomputed block's graph keeps until its
     backward: each linear's weight as its forward used it (a frozen linear's
     input gradient needs it). A base in another dtype (fp8) is cast layer by
@@ -329,7 +329,7 @@ def estimate(shape, *, mode="lora", rank=64, base_bytes_per_param=1, optimizer="
 
     def recompute_bytes(kind):
         return (B * c * block_saved_values(shape, kind, tokens, text_tokens, mode, rank, attention_saves_output)
-                + c * block_weight_values(shape, kind, base_bytes_per_param, c, mode))
+                + c * block_weight_values(shape, kind, base_bytes_per_param, c))
 
     recompute = max(recompute_bytes("double"), recompute_bytes("single"))
     checkpoints = B * c * (shape.double + shape.single) * tokens * h       # each block's saved input
