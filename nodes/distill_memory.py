@@ -367,10 +367,10 @@ class CLEARMemoryError(ValueError):
 
 
 _ADVICE = {
-    "base weights": "load the base model in fp8 (weight_dtype fp8_e4m3fn in the model loader), or swap blocks",
+    "base weights": "load the base model in fp8 (weight_dtype fp8_e4m3fn in the model loader)",
     "optimizer": "use optimizer adamw8bit, or mode lora",
-    "trainable": "use mode lora (full trains every q/k/v/out row) or a lower rank",
-    "gradients": "use mode lora or a lower rank",
+    "trainable": "use mode lora (full trains every q/k/v/out row, in float32)",
+    "gradients": "use mode lora",
     "activations": "lower batch_size, or generate the teacher data at a lower resolution",
     "cuda context": "close other programs using the GPU",
 }
@@ -394,7 +394,8 @@ def check_fits(estimate, free_bytes, margin=1.0):
         if k == "activations" and s.get("batch_size", 1) == 1:
             tip = f"generate the teacher data at a lower resolution (now {s.get('width')}x{s.get('height')})"
         if k == "base weights" and s.get("base_bytes_per_param", 2) <= 1:
-            tip = "swap blocks to the CPU (block_swap)"
+            tip = ("the base is fp8 already: free GPU memory (close other programs, unload other models) or use "
+                   "a GPU with more memory")
         if tip not in advice:
             advice.append(tip)
     raise CLEARMemoryError(

@@ -350,7 +350,7 @@ def test_check_fits_passes_and_refuses_with_the_setting_to_lower(comfyui):
     with pytest.raises(dm.CLEARMemoryError) as err:
         dm.check_fits(e, 12 * GB)
     text = str(err.value)
-    assert "base weights" in text and "block_swap" in text and "12.0 GB" in text
+    assert "base weights" in text and "fp8 already" in text and "12.0 GB" in text
     assert dm.CLEARMemoryError.__module__ == "builtins"  # @ui_error: the UI shows the bare name
 
     full = dm.estimate("flux2-klein-4b", mode="full", base_bytes_per_param=2, optimizer="prodigy")
