@@ -3,11 +3,11 @@ functions), so the package also imports outside ComfyUI (tests, benchmarks)."""
 
 import sys
 
-from . import band_split, clear_patch, templates, token_chunking, weights
+from . import band_split, clear_patch, distill, distill_data, templates, token_chunking, weights
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (clear_patch, token_chunking, band_split):
+for _module in (clear_patch, token_chunking, band_split, distill_data, distill):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

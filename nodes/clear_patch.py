@@ -41,7 +41,7 @@ import math
 import numbers
 import weakref
 
-from .weights import (TRAINING_FREE, apply_clear_weights, load_clear_weights, remove_clear_weights,
+from .weights import (TRAINING_FREE, apply_clear_weights, file_family, load_clear_weights, remove_clear_weights,
                       resolve_weight_file, training_setting, weight_choices)
 from .runtime import CATEGORY, current_band, ui_error, warn_once
 
@@ -487,16 +487,23 @@ class _Shared:
 
 
 def _check_family(family, weights, proportional_attention):
-    """CLEAR beyond FLUX.1: training-free only (the token layout is FLUX.1's, the
-    distilled weights and the proportional-attention length are not)."""
+    """CLEAR beyond FLUX.1: training-free, or a file CLEAR Distill trained for
+    this family (its ``clear.family``; load_clear_weights then checks the exact
+    shape). The published files are FLUX.1's; proportional attention uses
+    FLUX.1's training length."""
     if family == "flux1":
-        return
+        return  # a file trained for another family: load_clear_weights names both
     name = FAMILIES[family]
     if weights != TRAINING_FREE:
-        raise CLEARPatchError(
-            f"CLEAR weight files fit FLUX.1 models only ({FAMILIES['flux1']}; the published ones: 19 double + "
-            f"38 single blocks, width 3072); this is a {name} model, with other layers. Set weights to "
-            f"'{TRAINING_FREE}' to run CLEAR attention on its own weights.")
+        trained_for = file_family(weights)
+        if trained_for != family:
+            what = (f"'{weights}' is for {FAMILIES.get(trained_for, trained_for)} models"
+                    if trained_for is not None else f"'{weights}' is not a file on disk")
+            raise CLEARPatchError(
+                f"The published CLEAR weight files fit FLUX.1 models only ({FAMILIES['flux1']}: 19 double + "
+                f"38 single blocks, width 3072); this is a {name} model, with other layers, and {what}. Pick a "
+                f"file CLEAR Distill trained for this model, or set weights to '{TRAINING_FREE}' to run CLEAR "
+                "attention on its own weights.")
     if proportional_attention:
         raise CLEARPatchError(
             f"proportional_attention scales by FLUX.1's training length ({TRAIN_TOKENS} tokens), not "
@@ -751,11 +758,14 @@ class CLEARAttentionPatch:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "A FLUX.1 model (dev, schnell, fine-tunes, Fill/Depth/Canny)."}),
+            "model": ("MODEL", {"tooltip": "A FLUX.1 model (dev, schnell, fine-tunes, Fill/Depth/Canny), or another "
+                                           "FLUX-class model (FLUX.2, Klein) with training-free CLEAR or weights "
+                                           "CLEAR Distill trained for it."}),
             "weights": (weight_choices(), {
                 "default": "clear_local_16.safetensors",
                 "tooltip": "Distilled CLEAR weights from models/clear (the published files download on first "
-                           "use). clear_local_<r>: radius r; _down_4: plus 4x4 pooled tokens. "
+                           "use). clear_local_<r>: radius r; _down_4: plus 4x4 pooled tokens. Files CLEAR "
+                           "Distill trained are listed too (for FLUX.2/Klein only those trained for it). "
                            "'none (training-free)' keeps the model's own weights."}),
             "window_size": ("INT", {
                 "default": 0, "min": 0, "max": 256,

@@ -17,9 +17,10 @@ weights for the user's own FLUX-family model from its teacher data.
   + loss_attn * mean over single blocks i % 4 == 0 of MSE(attn_s, attn_t),
   attn = the raw attention output (text and image tokens) entering linear2.
 - Per-block gradient checkpointing (non-reentrant) through
-  ``patches_replace["dit"]``; each block runs on clones of its residual
-  inputs, because ComfyUI's blocks update them in place (``img +=``): without
-  the clone the recomputed block would see the already-updated tensor.
+  ``patches_replace["dit"]``; each block's residual stream is a tensor whose
+  ``+=`` is out of place (``_Residual``), because ComfyUI's blocks update it
+  in place after a norm saved it for backward: the recomputed block would
+  otherwise see the already-updated tensor (wrong gradients).
 - Every random draw of a step (sample order, noise, sigma) comes from
   (seed, global sample slot), so a resumed run equals an uninterrupted one and
   two data-parallel processes with batch b equal one process with batch 2b.
@@ -51,7 +52,7 @@ PREVIEW_STEPS = 4
 # Settings a resumed run must share with its checkpoint (the rest may change).
 _RESUME_KEYS = ("window_size", "down_factor", "mode", "rank", "alpha", "batch_size", "grad_accum", "optimizer",
                 "seed")
-_CLONE_RESIDUALS = True  # tests turn it off to show the check catches ComfyUI's in-place residuals
+_OUT_OF_PLACE_RESIDUALS = True  # tests turn it off to show the check catches ComfyUI's in-place residuals
 
 
 @ui_error
@@ -86,7 +87,8 @@ class DistillSettings:
             value = getattr(self, name) if value is None else value
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            out_of_range = value < low or (high is not None and value > high) if isinstance(value, int) else True
+            if isinstance(value, bool) or out_of_range:
                 bound = f"between {low} and {high}" if high is not None else f">= {low}"
                 raise CLEARDistillError(f"{name} must be a whole number {bound}, got {value!r}.")
             setattr(self, name, value)
@@ -95,7 +97,8 @@ class DistillSettings:
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or value < low or (strict and value == low):
-                raise CLEARDistillError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}.")
+                bound = f"{'>' if strict else '>='} {low}"
+                raise CLEARDistillError(f"{name} must be a finite number {bound}, got {value!r}.")
             setattr(self, name, float(value))
 
         if self.mode not in MODES:
@@ -152,7 +155,8 @@ def trainable_parameter_set(diffusion_model):
         out.append(("double", i, "out", f"{key}.proj", (0, hidden)))
     for i in range(len(diffusion_model.single_blocks)):
         for n, proj in enumerate("qkv"):
-            out.append(("single", i, proj, f"diffusion_model.single_blocks.{i}.linear1", (n * hidden, (n + 1) * hidden)))
+            key = f"diffusion_model.single_blocks.{i}.linear1"
+            out.append(("single", i, proj, key, (n * hidden, (n + 1) * hidden)))
     return out
 
 
@@ -265,11 +269,26 @@ class _RowsWrapper:
                 pieces.append(param.to(weight.dtype))
             else:
                 down, up = loss.lora[name + "_down"], loss.lora[name + "_up"]
-                delta = (up @ down) * loss.lora_scale
-                pieces.append((base.float() + delta).to(weight.dtype))
+                delta = (up @ down) * loss.lora_scale  # float32 (float64 in gradient checks), as ComfyUI's LoRA patches
+                pieces.append((base.to(delta.dtype) + delta).to(weight.dtype))
         if loss.weight_dtype is None:
             loss.weight_dtype = weight.dtype
         return torch.cat(pieces + ([weight[end:]] if end < weight.shape[0] else []), 0)
+
+
+class _Copied:
+    """Weight wrapper that only makes ComfyUI cast a copy: weights loaded under
+    torch.inference_mode (as ComfyUI runs loader nodes) cannot be saved for
+    backward, their copies made outside it can."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, weight):
+        return weight
+
+
+_OURS = (_RowsWrapper, _Copied)
 
 
 def _name(kind, index, proj):
@@ -289,20 +308,33 @@ def _call_block(block, kind, block_args):
                          attn_mask=block_args.get("attn_mask"), transformer_options=options)}
 
 
+class _Residual(torch.Tensor):
+    """A FLUX block's residual stream whose ``+=`` is out of place. ComfyUI's
+    blocks update it in place (``img += ...``, ``x += ...``) after a norm saved
+    it for backward: autograd refuses that, and under checkpointing (which
+    does not check) the recomputed norm would see the updated values: wrong
+    gradients. Other operations give plain tensors."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __iadd__(self, other):
+        return torch.add(self.as_subclass(torch.Tensor), other).as_subclass(_Residual)
+
+
 def _checkpointed_block(args, extra, *, kind, block, inner=None):
     """patches_replace["dit"] entry: the block (and any other block patch it
-    had) under non-reentrant checkpointing, on clones of its residual inputs."""
+    had) under non-reentrant checkpointing, its residual updates out of place."""
     names = ("img", "txt") if kind == "double" else ("img",)
     calls = []
 
     def run(*tensors):
         block_args = dict(args)
         for n, t in zip(names, tensors):
-            block_args[n] = t.clone() if _CLONE_RESIDUALS else t
+            block_args[n] = t.as_subclass(_Residual) if _OUT_OF_PLACE_RESIDUALS else t
         block_extra = extra if not calls else {**extra, "original_block": lambda a: _call_block(block, kind, a)}
         calls.append(True)
         out = inner(block_args, block_extra) if inner is not None else block_extra["original_block"](block_args)
-        return tuple(out[n] for n in names)
+        return tuple(out[n].as_subclass(torch.Tensor) for n in names)
 
     if not torch.is_grad_enabled():
         return inner(args, extra) if inner is not None else extra["original_block"](args)
@@ -343,7 +375,8 @@ class DistillLoss(torch.nn.Module):
             fan_in = module.weight.shape[1]
             if self.mode == "lora":
                 r = settings.rank
-                self.lora[name + "_down"] = torch.nn.Parameter(torch.randn(r, fan_in, generator=gen) / math.sqrt(fan_in))
+                down = torch.randn(r, fan_in, generator=gen) / math.sqrt(fan_in)
+                self.lora[name + "_down"] = torch.nn.Parameter(down)
                 self.lora[name + "_up"] = torch.nn.Parameter(torch.zeros(rows[1] - rows[0], r))
             else:
                 self.ready = False
@@ -366,6 +399,17 @@ class DistillLoss(torch.nn.Module):
             student.add_weight_wrapper(key + ".weight", _RowsWrapper(self, parts, bias=False))
             if self.mode == "full" and getattr(_module(flux, key), "bias", None) is not None:
                 student.add_weight_wrapper(key + ".bias", _RowsWrapper(self, parts, bias=True))
+        wrapped = set(student.weight_wrapper_patches)
+        copied = _Copied()
+        for module_name, module in flux.named_modules():
+            for attr, t in module.named_parameters(recurse=False):
+                key = f"diffusion_model.{module_name}.{attr}"
+                if not t.is_inference() or key in wrapped:
+                    continue
+                if hasattr(module, "comfy_cast_weights") and attr in ("weight", "bias"):
+                    student.add_weight_wrapper(key, copied)
+                else:  # not cast by ComfyUI (e.g. RMSNorm scales of older versions): a normal copy, small
+                    student.add_object_patch(key, torch.nn.Parameter(t.clone(), requires_grad=False))
         self.__dict__["student"] = student  # a ModelPatcher: not a submodule
         self.__dict__["flux"] = flux
         self.attn_blocks = [i for i in range(len(flux.single_blocks)) if i % ATTN_LOSS_EVERY == 0]
@@ -377,21 +421,38 @@ class DistillLoss(torch.nn.Module):
 
         comfy.model_management.load_models_gpu([self.student], force_full_load=True)
         self.to(self.student.load_device)
+        # no gradients for the frozen weights (restored by unload): only the adapters train
+        self.__dict__["frozen"] = [p for p in self.student.model.parameters()
+                                   if p.requires_grad and not p.is_inference()]
+        for p in self.frozen:
+            p.requires_grad_(False)
         return self
 
     def unload(self):
         """Give the model back as ComfyUI found it (weight wrappers, object patches off)."""
         import comfy.model_management
 
+        for p in self.__dict__.pop("frozen", []):
+            p.requires_grad_(True)
         loaded = comfy.model_management.current_loaded_models
         for i in reversed(range(len(loaded))):
             if loaded[i].model is self.student:
                 loaded[i].model_unload()
                 loaded.pop(i)
+        for module in self.flux.modules():  # ComfyUI leaves weight functions of a full load in place
+            for attr in ("weight_function", "bias_function"):
+                functions = module.__dict__.get(attr)
+                if functions and any(isinstance(f, _OURS) for f in functions):
+                    setattr(module, attr, [f for f in functions if not isinstance(f, _OURS)])
 
     @property
     def device(self):
         return self.student.load_device
+
+    @property
+    def dtype(self):
+        """The loss's dtype: float32 (float64 when the parameters are, in gradient checks)."""
+        return next(self.parameters()).dtype
 
     # -- the passes
 
@@ -443,7 +504,7 @@ class DistillLoss(torch.nn.Module):
             self.switch.on = True
         if adapters and not self.ready:
             self.ready = True
-        return out.float()
+        return out.to(self.dtype)
 
     @contextlib.contextmanager
     def _capture(self, store):
@@ -465,9 +526,9 @@ class DistillLoss(torch.nn.Module):
 
     def forward(self, batch):
         s = self.settings
-        x0 = batch["x0"].to(self.device, torch.float32)
-        noise = batch["noise"].to(self.device, torch.float32)
-        sigma = batch["sigma"].to(self.device, torch.float32)
+        x0 = batch["x0"].to(self.device, self.dtype)
+        noise = batch["noise"].to(self.device, self.dtype)
+        sigma = batch["sigma"].to(self.device, self.dtype)
         sv = sigma.view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1 - sv) * x0 + sv * noise
         attn_t = {} if s.loss_attn and self.attn_blocks else None
@@ -479,7 +540,8 @@ class DistillLoss(torch.nn.Module):
         mse = torch.nn.functional.mse_loss
         parts = {"fm": mse(v_s, noise - x0), "distill": mse(v_s, v_t)}
         if attn_t is not None:
-            parts["attn"] = torch.stack([mse(attn_s[i].float(), attn_t[i].float()) for i in self.attn_blocks]).mean()
+            parts["attn"] = torch.stack([mse(attn_s[i].to(self.dtype), attn_t[i].to(self.dtype))
+                                         for i in self.attn_blocks]).mean()
         else:
             parts["attn"] = v_s.new_zeros(())
         loss = s.loss_fm * parts["fm"] + s.loss_distill * parts["distill"] + s.loss_attn * parts["attn"]
@@ -928,3 +990,83 @@ def distill(model, dataset, settings, output_name, *, resume=True, vae=None, pro
     process trains its shard and rank 0 writes the files."""
     with torch.inference_mode(False), training_mode():
         return _Trainer(model, dataset, settings, output_name, resume, vae, progress).run()
+
+
+# ---------------------------------------------------------------------------
+# The node
+
+class CLEARDistill:
+    DESCRIPTION = (
+        "Distils CLEAR attention weights for the connected FLUX-family model from its own teacher data (the "
+        "'CLEAR Distill: Teacher Data' node): trains the image-stream attention projections (and the pooled "
+        "keys' weights when down_factor > 1) so that the model with CLEAR local attention matches the model "
+        "with full attention. Writes models/clear/<output_name>.safetensors, which the CLEAR Attention Patch "
+        "loads. Saves a checkpoint every checkpoint_every steps and on Cancel; queue it again to resume.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("weights", "previews")
+    OUTPUT_TOOLTIPS = ("The trained file's name in models/clear (pick it in the CLEAR Attention Patch).",
+                       "The last preview: student, teacher and training-free CLEAR from the same noise on the "
+                       "first dataset prompt (a black image without previews).")
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = DistillSettings()
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The FLUX-family model to distil (the same one that made the dataset), "
+                                           "without the CLEAR Attention Patch."}),
+            "dataset": ("CLEAR_DATASET", {"tooltip": "Teacher data from the 'CLEAR Distill: Teacher Data' node."}),
+            "output_name": ("STRING", {"default": "clear_local_16_mymodel",
+                                       "tooltip": "File name in models/clear (.safetensors added). The checkpoint "
+                                                  "<name>.state.pt sits beside it; the same name resumes."}),
+            "window_size": ("INT", {"default": d.window_size, "min": 1, "max": 256,
+                                    "tooltip": "CLEAR radius in tokens (16 px each) to train for."}),
+            "down_factor": ("INT", {"default": d.down_factor, "min": 1, "max": MAX_DOWN_FACTOR,
+                                    "tooltip": "Pooled d x d keys (1 = off; the published _down_4 files use 4)."}),
+            "mode": (list(MODES), {"default": d.mode, "tooltip": "lora: low-rank adapters (less memory, stacks as "
+                                                                  "weight patches); full: the projections' weights."}),
+            "rank": ("INT", {"default": d.rank, "min": 1, "max": 3072, "tooltip": "LoRA rank per projection."}),
+            "steps": ("INT", {"default": d.steps, "min": 1, "max": 1000000, "tooltip": "Optimiser steps."}),
+            "batch_size": ("INT", {"default": d.batch_size, "min": 1, "max": 64, "tooltip": "Samples per micro-step."}),
+            "grad_accum": ("INT", {"default": d.grad_accum, "min": 1, "max": 1024,
+                                   "tooltip": "Micro-steps per optimiser step."}),
+            "optimizer": (list(OPTIMIZERS), {"default": d.optimizer, "tooltip": "prodigy (the authors', lr 1.0), "
+                                                                                "adamw (lr ~1e-4), adamw8bit "
+                                                                                "(needs bitsandbytes)."}),
+            "learning_rate": ("FLOAT", {"default": d.learning_rate, "min": 1e-8, "max": 10.0, "step": 1e-6,
+                                        "tooltip": "Prodigy: 1.0; AdamW: ~1e-4."}),
+            "loss_fm": ("FLOAT", {"default": d.loss_fm, "min": 0.0, "max": 10.0, "step": 0.05,
+                                  "tooltip": "Weight of flow matching against the data."}),
+            "loss_distill": ("FLOAT", {"default": d.loss_distill, "min": 0.0, "max": 10.0, "step": 0.05,
+                                       "tooltip": "Weight of matching the teacher's prediction."}),
+            "loss_attn": ("FLOAT", {"default": d.loss_attn, "min": 0.0, "max": 10.0, "step": 0.05,
+                                    "tooltip": "Weight of matching the teacher's attention outputs (single blocks "
+                                               "0, 4, 8, ...)."}),
+            "checkpoint_every": ("INT", {"default": d.checkpoint_every, "min": 0, "max": 1000000,
+                                         "tooltip": "Save <name>.state.pt every N steps (0: only on Cancel and "
+                                                    "at the end)."}),
+            "preview_every": ("INT", {"default": d.preview_every, "min": 0, "max": 1000000,
+                                      "tooltip": "Show a preview every N steps (0: none)."}),
+            "seed": ("INT", {"default": d.seed, "min": 0, "max": 2 ** 63 - 1,
+                             "tooltip": "Seed of sample order, noise, timesteps and the adapters' start."}),
+        }, "optional": {
+            "vae": ("VAE", {"tooltip": "Decodes the previews; without it they are the latents' rough colours."}),
+        }}
+
+    def train(self, model, dataset, output_name, window_size, down_factor, mode, rank, steps, batch_size, grad_accum,
+              optimizer, learning_rate, loss_fm, loss_distill, loss_attn, checkpoint_every, preview_every, seed,
+              vae=None):
+        settings = DistillSettings(window_size=window_size, down_factor=down_factor, mode=mode, rank=rank,
+                                   steps=steps, batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer,
+                                   learning_rate=learning_rate, loss_fm=loss_fm, loss_distill=loss_distill,
+                                   loss_attn=loss_attn, checkpoint_every=checkpoint_every,
+                                   preview_every=preview_every, seed=seed)
+        result = distill(model, dataset, settings, output_name, vae=vae)
+        previews = result.previews if result.previews is not None else torch.zeros(1, 64, 64, 3)
+        return (os.path.basename(result.path), previews)
+
+
+NODE_CLASS_MAPPINGS = {"CLEARDistill": CLEARDistill}
+NODE_DISPLAY_NAME_MAPPINGS = {"CLEARDistill": "CLEAR Distill"}

@@ -20,6 +20,7 @@ ORDER = (  # simplest first; workflows/build.py writes these files
     "CLEAR FLUX 4K hires + ControlNet",
     "CLEAR FLUX 8K hires",
     "CLEAR FLUX 8K hires + 2 GPUs",
+    "CLEAR FLUX distill",
 )
 ROUTES = ("/workflow_templates", "/api/workflow_templates")
 

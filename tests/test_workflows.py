@@ -16,6 +16,7 @@ from conftest import REPO_ROOT
 WORKFLOW_DIR = os.path.join(REPO_ROOT, "workflows")
 NAMES = sorted(f for f in os.listdir(WORKFLOW_DIR) if f.endswith(".json"))
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+DISTILL = "CLEAR FLUX distill.json"  # teacher data + CLEAR Distill: no CLEAR file to download, nothing saved
 COMFY_CLI = "comfy-cli converts UI workflows to prompts (pip install comfy-cli)"
 
 
@@ -49,7 +50,7 @@ def test_workflow_set_and_reading_order():
 
     assert NAMES == ["CLEAR FLUX 1K text to image.json", "CLEAR FLUX 4K hires + ControlNet.json",
                      "CLEAR FLUX 4K hires + LoRA.json", "CLEAR FLUX 4K hires.json",
-                     "CLEAR FLUX 8K hires + 2 GPUs.json", "CLEAR FLUX 8K hires.json"]
+                     "CLEAR FLUX 8K hires + 2 GPUs.json", "CLEAR FLUX 8K hires.json", "CLEAR FLUX distill.json"]
     assert sorted(name + ".json" for name in ORDER) == NAMES  # every template has its place in the dialog
     spec = importlib.util.spec_from_file_location("workflows_build", os.path.join(WORKFLOW_DIR, "build.py"))
     build = importlib.util.module_from_spec(spec)
@@ -66,11 +67,16 @@ def test_workflow_is_a_wellformed_ui_graph(name):
     assert wf["version"] == 0.4 and wf["last_node_id"] == max(n["id"] for n in wf["nodes"])
     assert check_graph(wf) == []
     types = [n["type"] for n in wf["nodes"]]
-    assert "CLEARAttentionPatch" in types and "SaveImage" in types
+    if name == DISTILL:  # teacher data -> distil -> previews; the result goes to models/clear
+        assert {"CLEARTeacherData", "CLEARDistill", "PreviewImage"} <= set(types)
+    else:
+        assert "CLEARAttentionPatch" in types and "SaveImage" in types
     notes = [n for n in wf["nodes"] if n["type"] == "MarkdownNote"]
     assert len(notes) == 1
-    for folder in ("diffusion_models", "text_encoders", "vae", "clear"):
+    for folder in ("diffusion_models", "text_encoders", "vae") + (() if name == DISTILL else ("clear",)):
         assert f"`models/{folder}/`" in notes[0]["widgets_values"][0]
+    if name == DISTILL:  # notes on time and memory (issue 27.9)
+        assert "**Time**" in notes[0]["widgets_values"][0] and "**Memory**" in notes[0]["widgets_values"][0]
 
 
 TITLE_H = 30  # LiteGraph.NODE_TITLE_HEIGHT: a node's title bar sits above its pos
@@ -127,10 +133,12 @@ def test_every_model_file_has_a_download_entry(name):
             assert m["name"] in n["widgets_values"], (n["type"], m)
             assert m["url"].startswith("https://huggingface.co/") and "/resolve/main/" in m["url"], m
             listed[m["name"]] = m
-    clear = next(n for n in wf["nodes"] if n["type"] == "CLEARAttentionPatch")["widgets_values"][0]
-    assert listed[clear] == {"name": clear, "directory": "clear",
-                             "url": f"https://huggingface.co/Huage001/CLEAR/resolve/main/{clear}"}
-    want = {"flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors", clear}
+    want = {"flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"}
+    if name != DISTILL:  # the distill workflow makes its CLEAR file
+        clear = next(n for n in wf["nodes"] if n["type"] == "CLEARAttentionPatch")["widgets_values"][0]
+        assert listed[clear] == {"name": clear, "directory": "clear",
+                                 "url": f"https://huggingface.co/Huage001/CLEAR/resolve/main/{clear}"}
+        want.add(clear)
     if any(n["type"] == "ControlNetLoader" for n in wf["nodes"]):
         want.add("FLUX.1-dev-ControlNet-Union-Pro.safetensors")
     assert set(listed) == want  # the LoRA is the user's own: explained in the note, no download
@@ -237,8 +245,14 @@ def validate(loop, prompt):
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_is_a_valid_prompt_in_real_comfyui(comfy, name):
     nodes, _, loop = comfy
+    if name == DISTILL and "CLEARDistill" not in nodes.NODE_CLASS_MAPPINGS:
+        pytest.skip("CLEARDistill (nodes/distill.py) is not in this tree yet")
     prompt = to_api(nodes, _load(name))
-    assert any(v["class_type"] == "CLEARAttentionPatch" for v in prompt.values())
+    assert any(v["class_type"] in ("CLEARAttentionPatch", "CLEARTeacherData") for v in prompt.values())
+    if name == DISTILL:  # the teacher data feeds the trainer, which trains the loaded model
+        by_type = {v["class_type"]: v for v in prompt.values()}
+        assert by_type["CLEARDistill"]["inputs"]["dataset"][0] in prompt
+        assert by_type["CLEARDistill"]["inputs"]["model"] == by_type["CLEARTeacherData"]["inputs"]["model"]
     valid, error, outputs, node_errors = validate(loop, prompt)
     assert valid, (error, node_errors)
     assert outputs

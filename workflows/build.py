@@ -53,7 +53,8 @@ SIZES = {
     "ConditioningZeroOut": (300, 26), "EmptySD3LatentImage": (300, 106), "KSampler": (300, 262),
     "VAEDecode": (300, 46), "ImageScale": (300, 130), "VAEEncodeTiled": (300, 150),
     "ModelSamplingFlux": (300, 130), "CLEARAttentionPatch": (300, 154), "VAEDecodeTiled": (300, 150),
-    "SaveImage": (300, 300),
+    "SaveImage": (300, 300), "PreviewImage": (300, 300),
+    "CLEARTeacherData": (400, 420), "CLEARDistill": (340, 490),
 }
 DEFAULT_SIZE = (300, 58)  # one input and one widget, e.g. a model -> model node with one setting
 TITLE_H = 30  # LiteGraph.NODE_TITLE_HEIGHT
@@ -64,6 +65,7 @@ NOTE_W = 420  # MarkdownNote: renders markdown at 10 px in a 400 px wide box at 
 # LiteGraph's own group colours (light enough for the group titles to read)
 COLORS = {"models": "#88A", "prompt": "#b58b2a", "base": "#8A8", "upscale": "#a1309b", "clear": "#3f789e",
           "decode": "#A88", "controlnet": "#b06634"}
+DISTILL_OUTPUT = "my_flux_clear_16"  # CLEAR Distill's output_name: models/clear/<this>.safetensors
 
 
 def note_height(text):
@@ -330,6 +332,55 @@ r = {r} is the paper's setting at 4K-8K: the layout comes from the base image, t
     return g
 
 
+def clear_flux_distill():
+    """Distil CLEAR weights for the user's own model: teacher data, then CLEAR
+    Distill (LoRA r64 over an fp8 base: the 24 GB setting), previews shown."""
+    g = Graph()
+    unet = g.add("UNETLoader", [FLUX_FILES["unet"][0], "fp8_e4m3fn"], outputs=[("MODEL", "MODEL")],
+                 title="Your FLUX → models/diffusion_models", models=[FLUX_FILES["unet"]])
+    clip = g.add("DualCLIPLoader", [FLUX_FILES["clip_l"][0], FLUX_FILES["t5"][0], "flux", "default"],
+                 outputs=[("CLIP", "CLIP")], title="CLIP → models/text_encoders",
+                 models=[FLUX_FILES["clip_l"], FLUX_FILES["t5"]])
+    vae = g.add("VAELoader", [FLUX_FILES["vae"][0]], outputs=[("VAE", "VAE")], title="VAE → models/vae (previews)",
+                models=[FLUX_FILES["vae"]])
+    # dataset_name, count, width, height, steps, guidance, seed (+ its control), prompts (empty: the shipped list)
+    data = g.add("CLEARTeacherData", ["flux_teacher", 1000, 1024, 1024, 20, 3.5, 0, "fixed", ""],
+                 inputs=[("model", "MODEL", (unet, 0)), ("clip", "CLIP", (clip, 0))],
+                 outputs=[("dataset", "CLEAR_DATASET")])
+    # output_name, window_size, down_factor, mode, rank, steps, batch_size, grad_accum, optimizer, learning_rate,
+    # loss_fm, loss_distill, loss_attn, checkpoint_every, preview_every, seed (+ its control): DESIGN_27 defaults
+    distill = g.add("CLEARDistill", [DISTILL_OUTPUT, 16, 1, "lora", 64, 2000, 1, 1, "prodigy", 1.0, 1.0, 0.5, 0.5,
+                                     250, 250, 0, "fixed"],
+                    inputs=[("model", "MODEL", (unet, 0)), ("dataset", "CLEAR_DATASET", (data, 0)),
+                            ("vae", "VAE", (vae, 0))],
+                    outputs=[("weights", "STRING"), ("previews", "IMAGE")])
+    previews = g.add("PreviewImage", [], inputs=[("images", "IMAGE", (distill, 1))],
+                     title="Previews: student | teacher | training-free")
+    note = g.note(f"""## Distil CLEAR weights for your own FLUX model
+
+Trains CLEAR attention weights for the model you load (a FLUX.1 fine-tune, FLUX.1-dev or schnell, FLUX.2 Klein or [dev]), the way the CLEAR authors distilled the published files for FLUX.1-dev. Queue it and leave it running overnight.
+
+1. **Teacher data**: your model, as it is, generates `count` images over the shipped prompt list (or yours, one per line, in `prompts`) and saves their latents and text conditioning to `output/clear_teacher/flux_teacher`. Each sample costs one ordinary image generation (20 steps at 1024²; set `steps` to 4 for schnell or Klein).
+2. **CLEAR Distill**: teaches CLEAR (radius 16 tokens = 256 px) to reproduce your model, as a rank-64 LoRA of the attention weights over the fp8 base; a preview (student, teacher, training-free CLEAR) every 250 steps. The result lands in `models/clear/{DISTILL_OUTPUT}.safetensors`: pick it in the CLEAR Attention Patch's `weights` (press R to refresh the list) in the 4K and 8K workflows.
+
+**Time** (modelled, not yet measured on a GPU): on one RTX 4090, 1000 FLUX.1-dev samples take about as long as 1000 images (~8 h at ~30 s each); 2000 training steps a few hours more. Klein 4B: about a third. Both steps resume where they stopped: queue again with the same settings.
+
+**Memory**: LoRA r64 on an fp8 base fits a 24 GB GPU for FLUX.1 (modelled ~19 GB); Klein 4B can also train `mode` full. CLEAR Distill checks free memory first and names the setting to lower.
+
+**Files** (ComfyUI offers a download for each missing one):
+- `models/diffusion_models/` your FLUX model (flux1-dev.safetensors here; weight_dtype fp8_e4m3fn)
+- `models/text_encoders/` clip_l.safetensors, t5xxl_fp16.safetensors (FLUX.2: its own text encoder, loaded with its loader)
+- `models/vae/` ae.safetensors, for the previews (optional)
+
+**Tune**: `count` (the authors used 10K; 2K-8K is a good overnight run), `window_size` (the radius you will generate with), `rank`, `steps`. docs/distill.md has the details.
+""")
+    g.layout([(None, None, [[note]]),
+              ("Models", "models", [[unet, clip, vae]]),
+              ("1. Teacher data from your model", "base", [[data]]),
+              ("2. Distil CLEAR", "clear", [[distill], [previews]])])
+    return g
+
+
 # File name (the template's title in ComfyUI) -> what it does, in reading order: the
 # Templates dialog shows them in this order (nodes/templates.py ORDER, checked by the tests).
 # target None: text to image at 1024; else the hires fix to target x target.
@@ -343,12 +394,15 @@ SPECS = {
                                 after_clear=[("CLEARTokenChunking", [0])]),
     "CLEAR FLUX 8K hires + 2 GPUs": dict(target=8192, weights="clear_local_16.safetensors",
                                          after_clear=[("CLEARTokenChunking", [0]), ("CLEARMultiGPUSplit", [2])]),
+    "CLEAR FLUX distill": dict(target=None, weights=None, distill=True),
 }
 
 
 def build(name):
     spec = dict(SPECS[name])
     target, weights = spec.pop("target"), spec.pop("weights")
+    if spec.pop("distill", False):
+        return clear_flux_distill()
     return clear_flux_1k(weights) if target is None else clear_flux_hires(target, weights, **spec)
 
 

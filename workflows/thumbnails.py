@@ -5,7 +5,7 @@ A thumbnail shows what the workflow computes, to scale: the output image as
 FLUX's token grid (1 token = 16 px), the 1024² base it starts from, and the
 CLEAR attention window of one token (a disc of radius r tokens) at that
 resolution, with the stages below. No generated image is shown: none exists.
-Run: python workflows/thumbnails.py   (needs matplotlib)
+Run: python workflows/thumbnails.py [name ...]   (needs matplotlib)
 """
 
 import math
@@ -96,8 +96,56 @@ def draw(name, spec, path):
     plt.close(fig)
 
 
+def draw_distill(name, spec, path):
+    """Distillation: the teacher's dense attention (every token) next to the
+    student's CLEAR window (a disc of radius 16 tokens) on the 1024² training
+    grid, with the two steps and the file they leave."""
+    tokens, r = 64, 16
+    fig = plt.figure(figsize=(SIZE_PX / DPI, SIZE_PX / DPI), dpi=DPI, facecolor=BG)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    ax.text(0.5, 0.8, "CLEAR distill", color=FG, fontsize=15, weight="bold", ha="center", va="center")
+    ax.text(0.5, 0.745, "your FLUX model, 1024 x 1024 training", color=DIM, fontsize=7.5, ha="center", va="center")
+    side, y0 = 0.36, 0.27
+    for x0, label, local in ((0.07, "teacher: full attention", False), (0.57, "student: CLEAR r = 16", True)):
+        ax.add_patch(Rectangle((x0, y0), side, side, facecolor=ACCENT if not local else "#22262b",
+                               alpha=0.45 if not local else 1, edgecolor=DIM, lw=0.8))
+        for i in range(4, tokens, 4):
+            f = i / tokens
+            ax.plot([x0 + f * side] * 2, [y0, y0 + side], color="#2c3137", lw=0.4)
+            ax.plot([x0, x0 + side], [y0 + f * side] * 2, color="#2c3137", lw=0.4)
+        qx, qy = x0 + side * 0.55, y0 + side * 0.45
+        if local:
+            ax.add_patch(Circle((qx, qy), side * r / tokens, facecolor=ACCENT, alpha=0.45, edgecolor=ACCENT, lw=1))
+        ax.add_patch(Circle((qx, qy), side / tokens / 2 + 0.003, color=FG))
+        ax.text(x0 + side / 2, y0 - 0.035, label, color=FG, fontsize=7.5, ha="center", va="center")
+    ax.annotate("", xy=(0.56, y0 + side / 2), xytext=(0.44, y0 + side / 2),
+                arrowprops=dict(arrowstyle="->", color=FG, lw=1.5))
+    stages = ["teacher data", "distil", "models/clear"]
+    w, gap, y = 0.24, 0.05, 0.06
+    x = (1 - len(stages) * w - (len(stages) - 1) * gap) / 2
+    for i, stage in enumerate(stages):
+        color = ACCENT if stage == "distil" else "#3a4048"
+        ax.add_patch(FancyBboxPatch((x, y), w, 0.075, boxstyle="round,pad=0.004,rounding_size=0.015",
+                                    facecolor=color, edgecolor="none"))
+        ax.text(x + w / 2, y + 0.0375, stage, color=FG, fontsize=7.5, ha="center", va="center", weight="bold")
+        if i < len(stages) - 1:
+            ax.annotate("", xy=(x + w + gap - 0.005, y + 0.0375), xytext=(x + w + 0.005, y + 0.0375),
+                        arrowprops=dict(arrowstyle="->", color=DIM, lw=1))
+        x += w + gap
+    fig.savefig(path, dpi=DPI, facecolor=BG, pil_kwargs={"quality": 88})
+    plt.close(fig)
+
+
 if __name__ == "__main__":
+    import sys
+
+    only = sys.argv[1:]  # names to draw (default: all)
     for name, spec in build.SPECS.items():
+        if only and name not in only:
+            continue
         path = os.path.join(HERE, name + ".jpg")
-        draw(name, spec, path)
+        (draw_distill if spec.get("distill") else draw)(name, spec, path)
         print("wrote", os.path.basename(path))
