@@ -25,6 +25,13 @@ Parts (each a subprocess with its own budget, elapsed time printed):
   step         bench/flux_step.py: one FLUX.1-dev-sized step at 4K and 8K, dense vs
                CLEAR, peak memory; through ComfyUI's Flux code where it imports
                (with token chunking), else plain torch FLUX-shaped blocks (labelled)
+  distill      bench/distill_step.py: CLEAR distillation through the trainer on
+               full-size models with random weights built by ComfyUI's classes, 20
+               steps at 1024^2 on an fp8 base: FLUX.1-dev LoRA r64, FLUX.2 Klein 4B
+               full (where the ComfyUI checkout builds FLUX.2); peak memory and
+               seconds per step against the memory model. Runs last, on what the
+               other parts leave: skipped, with a line saying so, when less than
+               DISTILL_MIN_S is left (run it alone: --parts distill)
 
 Writes into one folder: gpu_check.json (everything: device, versions, commit,
 date, command, every part's and section's status, all results, the goals),
@@ -62,9 +69,12 @@ OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 # Seconds per part on an H100/H200. They add up to TOTAL_S with RESERVE_S for
 # the plots and summary; the whole run (Python's start-up included, from
 # gpu_check.sh's start) is held to TOTAL_S: a part gets at most what is left.
-BUDGETS = {"install": 10, "correctness": 125, "attention": 90, "step": 65}
+# "distill" is outside that sum: it runs last with at most its own budget of what
+# is left before the deadline, and is skipped below DISTILL_MIN_S.
+BUDGETS = {"install": 10, "correctness": 125, "attention": 90, "step": 65, "distill": 150}
 TOTAL_S, RESERVE_S = 300.0, 10.0
-DRY_BUDGETS = {"install": 30, "correctness": 420, "attention": 240, "step": 300}  # caps on a loaded CPU
+DISTILL_MIN_S = 45.0  # imports, building a 12 B-parameter model, Flex's compiles and a few steps
+DRY_BUDGETS = {"install": 30, "correctness": 420, "attention": 240, "step": 300, "distill": 300}  # loaded CPU
 PARTS = tuple(BUDGETS)
 
 # Relative L2 error vs the float32 torch path (output rounding is ~4e-3 in bf16).
@@ -668,6 +678,13 @@ def summary(report):
                      f"{r['dense_ms']:.1f} ms, CLEAR {r['clear_ms']:.1f} ms, x{r['speedup']:.2f}; chunked "
                      f"x{_fmt(r.get('speedup_chunked'), '.2f')}; peak GiB dense {_fmt(r.get('dense_peak_gib'), '.2f')}"
                      f" / CLEAR {_fmt(r.get('clear_peak_gib'), '.2f')}")
+    for r in (report.get("distill") or {}).get("rows", []):
+        peak = r.get("peak_allocated_bytes")
+        lines.append(f"  distill [{r['run']}] {r.get('mode', '-')} {r.get('optimizer', '-')} {r.get('base', '-')} base "
+                     f"{r.get('size', '-')}px: {r['status'][:60]}, {r.get('steps_done', 0)} steps, "
+                     f"{_fmt(r.get('seconds_per_step'), '.3f')} s/step"
+                     + (f", peak {peak / 1e9:.2f} GB allocated ({r['peak_reserved_bytes'] / 1e9:.2f} reserved), "
+                        f"modelled {r['modelled_allocated_bytes'] / 1e9:.2f} GB" if peak else ""))
     lines.append("  goals (H100/H200 bf16):")
     for g in report["goals"]:
         verdict = "not measured" if g["met"] is None else ("met" if g["met"] else "MISSED")
@@ -771,7 +788,7 @@ def main(argv=None):
         report["failures"] += [f"output folder: {p}" for p in problems]
         if dry:  # every section ran and reported
             for name, status in report["sections"].items():
-                if not status.startswith("ran"):
+                if not status.startswith(("ran", "n/a")):  # n/a: the installed ComfyUI cannot build that model
                     report["failures"].append(f"dry run: section {name} {status}")
         save()
         text = summary(report)
@@ -797,11 +814,12 @@ def main(argv=None):
         watchdog.daemon = True
         watchdog.start()
 
-    def part(name, cmd):
+    def part(name, cmd, min_s=10):
         budget = budget_of(name)
-        if budget < 10:
+        if budget < min_s:
             report["parts"][name] = {"status": "SKIPPED: total time spent", "elapsed_s": 0, "budget_s": budget}
-            say(f"\n[{name}] skipped: the total time budget is spent")
+            say(f"\n[{name}] skipped: {max(budget, 0):.0f} s left of the total, it needs at least {min_s:.0f} s"
+                + (" (run it alone: bench/gpu_check.sh --parts distill)" if name == "distill" else ""))
             return False
         if "--budget-s" in cmd:  # the part's own clock, for what it stops starting
             i = cmd.index("--budget-s") + 1
@@ -901,6 +919,28 @@ def main(argv=None):
             label = "step" if impl is None else f"step/{impl}"
             report["sections"][label] = (f"ran {len(rows)} sizes ({', '.join(sorted({r['impl'] for r in rows}))})"
                                          if rows else "not run")
+        save()
+
+    distill_json = os.path.join(scratch, "distill.json")
+    if "distill" in args.parts:
+        comfy = _comfyui_checkout(args.comfyui)
+        cmd = [py, os.path.join(HERE, "distill_step.py"), "--out", distill_json, "--budget-s",
+               str(0.85 * budgets["distill"])] + (["--comfyui", comfy] if comfy else [])
+        if dry:
+            cmd += ["--tiny", "--steps", "2", "--size", "128", "--text-tokens", "16"]
+        ran = comfy is not None and part("distill", cmd, min_s=10 if dry else DISTILL_MIN_S)
+        if comfy is None:
+            report["parts"]["distill"] = {"status": "SKIPPED: no ComfyUI checkout", "elapsed_s": 0,
+                                          "budget_s": budgets["distill"]}
+            say("\n[distill] skipped: no ComfyUI checkout (--comfyui, $COMFYUI_PATH or .comfyui/)")
+        report["distill"] = dist = _load(distill_json) or {}
+        for run in ("flux1-dev", "flux2-klein-4b"):
+            row = next((r for r in dist.get("rows", []) if r.get("run") == run), None)
+            report["sections"][f"distill/{run}"] = (
+                "not run" + ("" if ran else ": skipped for time") if row is None else
+                f"ran {row['steps_done']} steps" if row.get("status") == "ok" else row.get("status", "not run"))
+            if row is not None and str(row.get("status", "")).startswith("FAILED"):
+                report["failures"].append(f"distill: {run} {row['status']}")
         save()
 
     return finish()

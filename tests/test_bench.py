@@ -142,6 +142,8 @@ def test_gpu_check_dry_run(comfyui, tmp_path):
     Dynamo, peers as labelled stand-ins, the FLUX step through ComfyUI and
     standalone), at most 8 files in one folder (what a lent GPU machine
     returns), a summary, exit 1 exactly where it reports a failure."""
+    import flux_tiny
+
     out = tmp_path / "gpu"
     env = {**os.environ, "COMFYUI_PATH": comfyui, "PYTHON": sys.executable}
     res = subprocess.run(["bash", "bench/gpu_check.sh", "--dry", "--out", str(out)], cwd=REPO_ROOT, env=env,
@@ -161,12 +163,14 @@ def test_gpu_check_dry_run(comfyui, tmp_path):
     assert {"device", "torch", "triton", "commit", "date", "command"} <= set(report["environment"])
     assert {name: part["status"] for name, part in report["parts"].items()} == {
         "install": "ok", "correctness": "ok" if not report["correctness"]["failures"] else "FAILED (exit 1)",
-        "attention": "ok", "step": "ok"}
+        "attention": "ok", "step": "ok", "distill": "ok"}
     # every section ran and reported, FLUX shapes first
     assert list(report["sections"]) == ["install"] + [f"correctness/{s}" for s in gpu_check.SECTIONS] + [
         "attention/dense_baselines", "attention/ours", "attention/flex", "attention/peers", "step/comfyui",
-        "step/standalone"]
-    assert all(status.startswith("ran") for status in report["sections"].values()), report["sections"]
+        "step/standalone", "distill/flux1-dev", "distill/flux2-klein-4b"]
+    flux2 = "flux2" in flux_tiny.available_families()
+    assert all(status.startswith("ran") or (not flux2 and name == "distill/flux2-klein-4b" and status.startswith("n/a"))
+               for name, status in report["sections"].items()), report["sections"]
     assert report["install"]["status"].startswith("no wheels carried")
 
     corr = report["correctness"]
@@ -207,6 +211,13 @@ def test_gpu_check_dry_run(comfyui, tmp_path):
     assert comfy_row["chunk_tokens"] == 32 and comfy_row["clear_chunked_ms"] and comfy_row["dense_chunked_ms"]
     assert comfy_row["clear_chunked_rel_err"] < 1e-4 and comfy_row["dense_chunked_rel_err"] < 1e-4
     assert standalone_row["clear_ms"] > 0 and "chunk_tokens" not in standalone_row
+    # the distillation section: the trainer's steps on tiny shapes, timed, beside the memory model
+    lora, full = report["distill"]["rows"]
+    assert (lora["run"], lora["mode"], lora["status"], lora["steps_done"]) == ("flux1-dev", "lora", "ok", 2)
+    assert lora["seconds_per_step"] > 0 and lora["modelled_total_bytes"] > 0
+    assert full["run"] == "flux2-klein-4b" and (full["status"], full["mode"]) == (("ok", "full") if flux2 else (
+        "n/a: this ComfyUI builds no FLUX.2 (0.33 or newer does)", "full"))
+    assert "distill [flux1-dev] lora prodigy" in (out / "summary.txt").read_text()
     assert [g["goal"] for g in report["goals"]] == [g[0] for g in gpu_check.GOALS]
     assert all(g["met"] is None for g in report["goals"])  # no 8K/4K rows in a dry run
     if report["plots"]:  # matplotlib present
@@ -306,3 +317,18 @@ def test_gpu_check_goals_and_part_timeout(tmp_path):
     rc, elapsed, _ = gpu_check._run([sys.executable, "-c", "import time; print('started', flush=True); "
                                      "time.sleep(60)"], str(tmp_path / "log"), 2)
     assert rc is None and elapsed < 30 and "started" in (tmp_path / "log").read_text()
+
+
+def test_gpu_check_skips_the_distillation_when_time_is_short(comfyui, tmp_path):
+    """The distillation part runs last on what is left: below its minimum it
+    is skipped with a line saying so (and how to run it alone), and reported."""
+    out = tmp_path / "gpu"
+    env = {**os.environ, "COMFYUI_PATH": comfyui, "PYTHON": sys.executable}
+    res = subprocess.run(["bash", "bench/gpu_check.sh", "--dry", "--total-s", "12", "--parts", "distill", "--out",
+                          str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert "[distill] skipped:" in res.stdout and "--parts distill" in res.stdout, res.stdout[-3000:]
+    assert report["parts"]["distill"]["status"] == "SKIPPED: total time spent"
+    assert report["sections"]["distill/flux1-dev"] == "not run: skipped for time"
+    assert gpu_check.BUDGETS["distill"] >= gpu_check.DISTILL_MIN_S
+    assert sum(v for k, v in gpu_check.BUDGETS.items() if k != "distill") + gpu_check.RESERVE_S == gpu_check.TOTAL_S
