@@ -37,7 +37,7 @@ import time
 import torch
 import torch.utils.checkpoint
 
-from .runtime import CATEGORY, ui_error, warn_once
+from .runtime import CATEGORY, ui_error
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ ATTN_LOSS_EVERY = 4  # single blocks i % 4 == 0 give the attention loss (the aut
 MAX_DOWN_FACTOR = 16
 STATE_SUFFIX = ".state.pt"
 STATE_FORMAT = 1
-TRAINER_VERSION = "0.1.0"  # pyproject's version (metadata clear.trainer of the fallback writer)
 PREVIEW_STEPS = 4
 # Settings a resumed run must share with its checkpoint (the rest may change).
 _RESUME_KEYS = ("window_size", "down_factor", "mode", "rank", "alpha", "batch_size", "grad_accum", "optimizer",
@@ -187,29 +186,14 @@ def _flux_model(model):
 
 
 def _fingerprint(diffusion_model):
-    try:
-        from .weights import model_fingerprint
-    except ImportError:  # the format helpers' function; same string
-        p = diffusion_model.params
-        bias = int(getattr(diffusion_model.single_blocks[0].linear1, "bias", None) is not None) \
-            if len(diffusion_model.single_blocks) else int(bool(p.qkv_bias))
-        return (f"hidden={p.hidden_size},heads={p.num_heads},double={len(diffusion_model.double_blocks)},"
-                f"single={len(diffusion_model.single_blocks)},bias={bias}")
+    from .weights import model_fingerprint
+
     return model_fingerprint(diffusion_model)
 
 
 def _base_hash(model):
-    try:
-        from .weights import base_model_hash
-    except ImportError:
-        digest = hashlib.sha256()
-        flux = model.model.diffusion_model
-        for t in (flux.img_in.weight, flux.final_layer.linear.weight):
-            t = t.dequantize() if hasattr(t, "dequantize") else t
-            t = t.detach().cpu().contiguous()
-            digest.update(str((tuple(t.shape), str(t.dtype))).encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.dtype.itemsize else b"")
-        return digest.hexdigest()[:16]
+    from .weights import base_model_hash
+
     return base_model_hash(model)
 
 
@@ -549,7 +533,7 @@ class DistillLoss(torch.nn.Module):
     # -- the trained tensors, in the file layout
 
     def trained_tensors(self):
-        """{file key: tensor} of DESIGN_27's layout (full or LoRA, spatial weights)."""
+        """{file key: tensor} in the trained-file layout (docs/distill.md: full or LoRA, spatial weights)."""
         out = {}
         dtype = self.weight_dtype or torch.float32
         alpha = self.settings.alpha if self.settings.alpha is not None else self.settings.rank
@@ -674,34 +658,11 @@ def _atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def save_output(path, tensors, *, fmt, window_size, down_factor, family, fingerprint, base_hash, steps,
-                final_loss, rank=None, alpha=None):
-    """The trained file, through weights.save_trained_weights (the format's
-    owner) where present; else the same keys and metadata written here."""
-    try:
-        from .weights import save_trained_weights
-    except ImportError:
-        save_trained_weights = None
-    kwargs = dict(fmt=fmt, window_size=window_size, down_factor=down_factor, family=family, fingerprint=fingerprint,
-                  base_hash=base_hash, steps=steps, final_loss=final_loss, rank=rank, alpha=alpha)
-    if save_trained_weights is not None:
-        return save_trained_weights(path, tensors, **kwargs)
-    from safetensors.torch import save_file
+def save_output(path, tensors, **metadata):
+    """The trained file (weights.save_trained_weights: keys, shapes and metadata checked)."""
+    from .weights import save_trained_weights
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=_metadata(**kwargs, version=TRAINER_VERSION))
-    os.replace(tmp, path)
-    return path
-
-
-def _metadata(*, fmt, window_size, down_factor, family, fingerprint, base_hash, steps, final_loss, rank, alpha,
-              version):
-    return {"clear.format": fmt, "clear.window_size": str(window_size), "clear.down_factor": str(down_factor),
-            "clear.family": family, "clear.fingerprint": fingerprint, "clear.base_model": base_hash,
-            "clear.steps": str(steps), "clear.final_loss": repr(float(final_loss)),
-            "clear.rank": "" if rank is None else str(rank), "clear.alpha": "" if alpha is None else repr(float(alpha)),
-            "clear.trainer": f"comfyui-clear {version}"}
+    return save_trained_weights(path, tensors, **metadata)
 
 
 # ---------------------------------------------------------------------------
@@ -763,12 +724,7 @@ def _check_memory(loss, flux, settings, dataset):
     device = loss.device
     if getattr(device, "type", str(device)) != "cuda":
         return
-    try:
-        from . import distill_memory
-    except ImportError:
-        warn_once("CLEAR Distill: no memory model (nodes/distill_memory.py) in this install; not checking memory.")
-        return
-    import comfy.model_management
+    from . import distill_memory
 
     weight = _module(flux, loss.items[0][3]).weight
     base_bytes = getattr(getattr(weight, "dtype", None), "itemsize", 2) or 2
@@ -778,7 +734,15 @@ def _check_memory(loss, flux, settings, dataset):
         distill_memory.ModelShape.of(flux), mode=settings.mode, rank=settings.rank, base_bytes_per_param=base_bytes,
         optimizer=settings.optimizer, width=dataset.width, height=dataset.height, batch_size=settings.batch_size,
         text_tokens=text, down_factor=settings.down_factor)
-    distill_memory.check_fits(estimate, comfy.model_management.get_total_memory(device))
+    distill_memory.check_fits(estimate, _available_cuda_bytes(device))
+
+
+def _available_cuda_bytes(device):
+    """What this process can have on ``device``: free memory plus what torch
+    already holds here (ComfyUI unloads its other models for the trainer), but
+    not what other programs use."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
 
 
 class _Trainer:

@@ -449,3 +449,30 @@ def test_lora_file_reproduces_the_student(comfyui, tmp_path):
                                             guidance=batch["guidance"], transformer_options=opts))
     torch.testing.assert_close(x_t - sv * v, outs[0], rtol=0, atol=1e-5)  # as in the full-mode round trip
     assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def test_too_little_gpu_memory_is_refused_up_front(comfyui, tmp_path, monkeypatch):
+    """On CUDA the trainer holds the settings against the memory model before it
+    loads anything; too little memory is one error naming the settings to lower.
+    Off CUDA nothing is checked. (No GPU here: the device and its memory are faked;
+    the model, dataset, estimate and check are the real ones.)"""
+    flux_tiny, distill, _ = _setup(comfyui)
+    import types
+
+    from comfyui_clear.nodes import distill_memory
+
+    model = flux_tiny.make_tiny_flux()
+    flux = model.model.diffusion_model
+    dataset = distill._open_dataset(_dataset(tmp_path / "data", model, 16, count=1))
+    settings = distill.DistillSettings(window_size=1, rank=4, optimizer="adamw")
+    loss = types.SimpleNamespace(device=torch.device("cpu"), items=distill.trainable_parameter_set(flux))
+    distill._check_memory(loss, flux, settings, dataset)  # the CPU: no check
+
+    loss.device = torch.device("cuda", 0)
+    available = {"free": 1 << 20, "reserved": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (available["free"], 24 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: available["reserved"])
+    with pytest.raises(distill_memory.CLEARMemoryError, match=r"To fit: .*(rank|resolution)"):
+        distill._check_memory(loss, flux, settings, dataset)
+    available["reserved"] = 1 << 30  # memory ComfyUI's own models hold counts: it unloads them for the trainer
+    distill._check_memory(loss, flux, settings, dataset)

@@ -348,7 +348,7 @@ def clear_flux_distill():
                  inputs=[("model", "MODEL", (unet, 0)), ("clip", "CLIP", (clip, 0))],
                  outputs=[("dataset", "CLEAR_DATASET")])
     # output_name, window_size, down_factor, mode, rank, steps, batch_size, grad_accum, optimizer, learning_rate,
-    # loss_fm, loss_distill, loss_attn, checkpoint_every, preview_every, seed (+ its control): DESIGN_27 defaults
+    # loss_fm, loss_distill, loss_attn, checkpoint_every, preview_every, seed (+ its control): the node's defaults
     distill = g.add("CLEARDistill", [DISTILL_OUTPUT, 16, 1, "lora", 64, 2000, 1, 1, "prodigy", 1.0, 1.0, 0.5, 0.5,
                                      250, 250, 0, "fixed"],
                     inputs=[("model", "MODEL", (unet, 0)), ("dataset", "CLEAR_DATASET", (data, 0)),
