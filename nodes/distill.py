@@ -746,7 +746,7 @@ def _available_cuda_bytes(device):
 
 
 class _Trainer:
-    def __init__(self, model, dataset, settings, output_name, resume, vae, progress):
+    def __init__(self, model, dataset, settings, output_name, resume, vae, progress, report=None):
         self.flux = _flux_model(model)
         self.model = model
         self.settings = settings.checked(self.flux.hidden_size)
@@ -756,7 +756,7 @@ class _Trainer:
         _check_dataset(self.dataset, self.family, self.fingerprint)
         self.path = output_path(output_name)
         self.state_file = state_path(self.path)
-        self.resume, self.vae, self.progress = resume, vae, progress
+        self.resume, self.vae, self.progress, self.report = resume, vae, progress, report
         self.rank, self.world = _distributed()
         self.sampler = _Sampler(self.dataset, settings.seed)
         self.losses = []
@@ -882,9 +882,12 @@ class _Trainer:
                     value, parts = self.step(step, module, optimizer, params)
                     step += 1
                     self.losses.append(value)
-                    log.info("CLEAR Distill step %d/%d: loss %.5f (fm %.5f, distill %.5f, attn %.5f), %.2f s",
-                             step, s.steps, value, parts["fm"], parts["distill"], parts["attn"],
-                             time.perf_counter() - begin)
+                    line = (f"CLEAR Distill step {step}/{s.steps}: loss {value:.5f} (fm {parts['fm']:.5f}, "
+                            f"distill {parts['distill']:.5f}, attn {parts['attn']:.5f}), "
+                            f"{time.perf_counter() - begin:.2f} s")
+                    log.info(line)
+                    if self.report is not None and self.rank == 0:
+                        self.report(line)
                     preview = None
                     if s.preview_every and (step % s.preview_every == 0 or step == s.steps) and self.rank == 0:
                         preview = self.preview()
@@ -967,14 +970,15 @@ def _family(flux):
     return flux_family(flux)
 
 
-def distill(model, dataset, settings, output_name, *, resume=True, vae=None, progress=None):
+def distill(model, dataset, settings, output_name, *, resume=True, vae=None, progress=None, report=None):
     """Train CLEAR weights for ``model`` (a ComfyUI ModelPatcher of a FLUX-family
     model) on ``dataset`` (a teacher-data folder or TeacherDataset); write
     models/clear/<output_name>.safetensors and return a DistillResult. Resumes
     from ``<output>.state.pt`` when ``resume``. Under torch.distributed, each
-    process trains its shard and rank 0 writes the files."""
+    process trains its shard and rank 0 writes the files. ``report``: called with
+    each step's loss line (the node shows it in the UI)."""
     with torch.inference_mode(False), training_mode():
-        return _Trainer(model, dataset, settings, output_name, resume, vae, progress).run()
+        return _Trainer(model, dataset, settings, output_name, resume, vae, progress, report).run()
 
 
 # ---------------------------------------------------------------------------
@@ -1038,19 +1042,32 @@ class CLEARDistill:
                              "tooltip": "Seed of sample order, noise, timesteps and the adapters' start."}),
         }, "optional": {
             "vae": ("VAE", {"tooltip": "Decodes the previews; without it they are the latents' rough colours."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, model, dataset, output_name, window_size, down_factor, mode, rank, steps, batch_size, grad_accum,
               optimizer, learning_rate, loss_fm, loss_distill, loss_attn, checkpoint_every, preview_every, seed,
-              vae=None):
+              vae=None, unique_id=None):
         settings = DistillSettings(window_size=window_size, down_factor=down_factor, mode=mode, rank=rank,
                                    steps=steps, batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer,
                                    learning_rate=learning_rate, loss_fm=loss_fm, loss_distill=loss_distill,
                                    loss_attn=loss_attn, checkpoint_every=checkpoint_every,
                                    preview_every=preview_every, seed=seed)
-        result = distill(model, dataset, settings, output_name, vae=vae)
+        result = distill(model, dataset, settings, output_name, vae=vae, report=_ui_text(unique_id))
         previews = result.previews if result.previews is not None else torch.zeros(1, 64, 64, 3)
         return (os.path.basename(result.path), previews)
+
+
+def _ui_text(node_id):
+    """A callable that shows a line of text on the node in the UI (ComfyUI's
+    progress text), or None where there is no server (scripts, tests)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    server = getattr(PromptServer, "instance", None)
+    if node_id is None or server is None or not hasattr(server, "send_progress_text"):
+        return None
+    return lambda text: server.send_progress_text(text, node_id)
 
 
 NODE_CLASS_MAPPINGS = {"CLEARDistill": CLEARDistill}

@@ -393,12 +393,23 @@ def test_gguf_base_is_refused(comfyui, tmp_path):
         distill.distill(model, folder, distill.DistillSettings(steps=1, optimizer="adamw"), str(tmp_path / "o"))
 
 
-def test_node_under_inference_mode(comfyui, tmp_path):
+def test_node_under_inference_mode(comfyui, tmp_path, monkeypatch):
     """The CLEAR Distill node as ComfyUI runs nodes (torch.inference_mode, a
-    model loaded under it): it trains, writes the file into the given path and
-    returns a preview of student | teacher | training-free CLEAR."""
+    model loaded under it): it trains, writes the file into the given path,
+    shows each step's loss on the node (ComfyUI's progress text, packed by the
+    real PromptServer method) and returns a preview of student | teacher |
+    training-free CLEAR."""
     flux_tiny, distill, _ = _setup(comfyui)
+    import functools
+    import types
+
     import nodes as comfy_nodes  # noqa: F401  (ComfyUI's node module: the executor's environment)
+    import server
+
+    sent = []
+    stub = types.SimpleNamespace(send_sync=lambda event, data, sid=None: sent.append((event, data)))
+    stub.send_progress_text = functools.partial(server.PromptServer.send_progress_text, stub)
+    monkeypatch.setattr(server.PromptServer, "instance", stub, raising=False)
 
     from comfyui_clear.nodes import NODE_CLASS_MAPPINGS
 
@@ -408,8 +419,11 @@ def test_node_under_inference_mode(comfyui, tmp_path):
     folder = _dataset(tmp_path / "data", flux_tiny.make_tiny_flux(), 16, count=1)
     with torch.inference_mode():
         name, previews = distill.CLEARDistill().train(
-            model, folder, str(tmp_path / "node_out"), 1, 1, "lora", 2, 1, 1, 1, "adamw", 1e-3, 1.0, 0.5, 0.5, 0, 1, 0)
+            model, folder, str(tmp_path / "node_out"), 1, 1, "lora", 2, 1, 1, 1, "adamw", 1e-3, 1.0, 0.5, 0.5, 0, 1, 0,
+            unique_id="12")
     assert name == "node_out.safetensors" and os.path.isfile(tmp_path / name)
+    texts = [data for event, data in sent if event == server.BinaryEventTypes.TEXT]
+    assert len(texts) == 1 and texts[0].startswith(b"\x00\x00\x00\x0212CLEAR Distill step 1/1: loss "), texts
     assert previews.shape == (3, 16, 16, 3)
 
 
