@@ -119,15 +119,9 @@ def _read_metadata_setting(path):
         return None
 
 
-def training_setting(name):
-    """(window_size, down_factor) the file was trained with, or None if unknown:
-    from PUBLISHED, else a name like clear_local_{r}[_down_{d}], else the
-    safetensors metadata keys ``window_size`` / ``down_factor``."""
-    if name in PUBLISHED:
-        return PUBLISHED[name]
-    match = _NAME_PATTERN.match(os.path.basename(name))
-    if match:
-        return int(match.group(1)), int(match.group(2) or 1)
+def _local_path(name):
+    """A weight file's path in the clear folder(s) (or an absolute path), None
+    when it is not on disk; never downloads."""
     path = None
     try:
         import folder_paths
@@ -137,6 +131,19 @@ def training_setting(name):
         pass
     if path is None and os.path.isabs(name) and os.path.isfile(name):
         path = name
+    return path
+
+
+def training_setting(name):
+    """(window_size, down_factor) the file was trained with, or None if unknown:
+    from PUBLISHED, else a name like clear_local_{r}[_down_{d}], else the
+    safetensors metadata keys ``window_size`` / ``down_factor``."""
+    if name in PUBLISHED:
+        return PUBLISHED[name]
+    match = _NAME_PATTERN.match(os.path.basename(name))
+    if match:
+        return int(match.group(1)), int(match.group(2) or 1)
+    path = _local_path(name)
     return _read_metadata_setting(path) if path else None
 
 
@@ -463,15 +470,7 @@ def file_family(name):
     when the file is not on disk or unreadable."""
     if name in PUBLISHED or name == TRAINING_FREE:
         return "flux1" if name in PUBLISHED else None
-    path = None
-    try:
-        import folder_paths
-
-        path = folder_paths.get_full_path(FOLDER, name)
-    except (ImportError, KeyError):
-        pass
-    if path is None and os.path.isabs(name) and os.path.isfile(name):
-        path = name
+    path = _local_path(name)
     if path is None:
         return None
     try:

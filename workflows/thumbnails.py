@@ -28,6 +28,20 @@ def _radius(weights):
     return int(weights.split("_")[2].split(".")[0])
 
 
+def _stage_row(ax, stages, w, gap, y, highlighted):
+    """A centred row of rounded stage boxes joined by arrows; highlighted(stage) ones in the accent colour."""
+    x = (1 - len(stages) * w - (len(stages) - 1) * gap) / 2
+    for i, stage in enumerate(stages):
+        color = ACCENT if highlighted(stage) else "#3a4048"
+        ax.add_patch(FancyBboxPatch((x, y), w, 0.075, boxstyle="round,pad=0.004,rounding_size=0.015",
+                                    facecolor=color, edgecolor="none"))
+        ax.text(x + w / 2, y + 0.0375, stage, color=FG, fontsize=7.5, ha="center", va="center", weight="bold")
+        if i < len(stages) - 1:
+            ax.annotate("", xy=(x + w + gap - 0.005, y + 0.0375), xytext=(x + w + 0.005, y + 0.0375),
+                        arrowprops=dict(arrowstyle="->", color=DIM, lw=1))
+        x += w + gap
+
+
 def draw(name, spec, path):
     target = spec["target"] or 1024
     r = _radius(spec["weights"])
@@ -82,16 +96,7 @@ def draw(name, spec, path):
     else:
         stages = ["CLEAR 1K", "decode"]
     w, gap, y = 0.19, 0.045, 0.05
-    x = (1 - len(stages) * w - (len(stages) - 1) * gap) / 2
-    for i, stage in enumerate(stages):
-        color = ACCENT if stage.startswith("CLEAR") else "#3a4048"
-        ax.add_patch(FancyBboxPatch((x, y), w, 0.075, boxstyle="round,pad=0.004,rounding_size=0.015",
-                                    facecolor=color, edgecolor="none"))
-        ax.text(x + w / 2, y + 0.0375, stage, color=FG, fontsize=7.5, ha="center", va="center", weight="bold")
-        if i < len(stages) - 1:
-            ax.annotate("", xy=(x + w + gap - 0.005, y + 0.0375), xytext=(x + w + 0.005, y + 0.0375),
-                        arrowprops=dict(arrowstyle="->", color=DIM, lw=1))
-        x += w + gap
+    _stage_row(ax, stages, w, gap, y, lambda stage: stage.startswith("CLEAR"))
     fig.savefig(path, dpi=DPI, facecolor=BG, pil_kwargs={"quality": 88})
     plt.close(fig)
 
@@ -125,16 +130,7 @@ def draw_distill(name, spec, path):
                 arrowprops=dict(arrowstyle="->", color=FG, lw=1.5))
     stages = ["teacher data", "distil", "models/clear"]
     w, gap, y = 0.24, 0.05, 0.06
-    x = (1 - len(stages) * w - (len(stages) - 1) * gap) / 2
-    for i, stage in enumerate(stages):
-        color = ACCENT if stage == "distil" else "#3a4048"
-        ax.add_patch(FancyBboxPatch((x, y), w, 0.075, boxstyle="round,pad=0.004,rounding_size=0.015",
-                                    facecolor=color, edgecolor="none"))
-        ax.text(x + w / 2, y + 0.0375, stage, color=FG, fontsize=7.5, ha="center", va="center", weight="bold")
-        if i < len(stages) - 1:
-            ax.annotate("", xy=(x + w + gap - 0.005, y + 0.0375), xytext=(x + w + 0.005, y + 0.0375),
-                        arrowprops=dict(arrowstyle="->", color=DIM, lw=1))
-        x += w + gap
+    _stage_row(ax, stages, w, gap, y, lambda stage: stage == "distil")
     fig.savefig(path, dpi=DPI, facecolor=BG, pil_kwargs={"quality": 88})
     plt.close(fig)
 
