@@ -206,6 +206,9 @@ def _refuse_untrainable(model, diffusion_model, items):
                 "CLEAR Distill cannot train on a GGUF model (ComfyUI-GGUF's quantized weights have no gradients "
                 "path and cannot be dequantized per step at training speed). Load the same model as "
                 "safetensors (bf16, or fp8 with the fp8 weight dtype) with ComfyUI's diffusion model loader.")
+    import comfy.patcher_extension
+
+    from . import token_chunking
     from .clear_patch import _is_clear_override
 
     options = model.model_options.get("transformer_options", {})
@@ -213,6 +216,10 @@ def _refuse_untrainable(model, diffusion_model, items):
         raise CLEARDistillError(
             "CLEAR Distill got a model that already runs the CLEAR Attention Patch: the teacher must be the "
             "model's own dense attention. Connect the model from before the CLEAR Attention Patch.")
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, token_chunking.WRAPPER_KEY):
+        raise CLEARDistillError(
+            "CLEAR Distill got a model with FLUX Token Chunking, which is for generating at 4K-8K; training "
+            "checkpoints every block and needs no chunking. Connect the model from before FLUX Token Chunking.")
 
 
 # ---------------------------------------------------------------------------

@@ -381,6 +381,9 @@ def test_bad_inputs_get_one_clear_error(comfyui, tmp_path):
     from comfyui_clear.nodes.clear_patch import patch_model
 
     refused("already runs the CLEAR Attention Patch", model=patch_model(model, "none (training-free)", 1, 1))
+    from comfyui_clear.nodes import token_chunking
+
+    refused("FLUX Token Chunking", model=token_chunking.patch_model(model, 64))
 
 
 def test_gguf_base_is_refused(comfyui, tmp_path):
