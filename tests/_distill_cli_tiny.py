@@ -67,6 +67,24 @@ def install(monkeypatch):
     monkeypatch.setattr(comfy.sd, "load_clip", load_clip)
 
 
+def cancel_after_first_step():
+    """Test hook (CLEAR_TEST_CANCEL_RANK): this worker alone sees ComfyUI's
+    interrupt after its first training step, as when Ctrl-C reaches one
+    torchrun worker before the others."""
+    import comfy.model_management as mm
+
+    from comfyui_clear.nodes import distill
+
+    real_step = distill._Trainer.step
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        mm.interrupt_current_processing(True)
+        return out
+
+    distill._Trainer.step = step
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import logging
@@ -79,4 +97,6 @@ if __name__ == "__main__":
 
     distill_cli.setup_comfyui(distill_cli.find_comfyui(None), cpu=True)
     install(pytest.MonkeyPatch())
+    if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("CLEAR_TEST_CANCEL_RANK"):
+        cancel_after_first_step()
     sys.exit(distill_cli.main())

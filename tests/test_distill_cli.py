@@ -243,81 +243,55 @@ def _assert_same_weights(path, single_run):
         assert (value - single[key]).norm() <= 1e-3 * single[key].norm(), key
 
 
-def _rank(rank, port, argv):
-    """One torchrun worker: the environment torchrun gives it, then the command line."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    code = 1
-    try:
-        from comfyui_clear.nodes import distill_cli
-
-        code = distill_cli.main(argv)
-    finally:
-        os._exit(code)
+def _two_workers(argv, logs, **env):
+    """Two processes of the command line (the tiny launcher) with the environment
+    torchrun gives its workers (gloo on 127.0.0.1); their exit codes and output.
+    Fresh processes, not forks of this one: autograd's worker threads do not
+    survive a fork once this process has run a backward."""
+    port = _free_port()
+    procs = []
+    logs.mkdir(parents=True, exist_ok=True)
+    for rank in range(2):
+        worker_env = _env(COMFYUI_PATH=os.environ["COMFYUI_PATH"], RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          **env)
+        with open(logs / f"rank{rank}.log", "w") as log:  # a file, not a pipe: a full pipe would stall a rank
+            procs.append(subprocess.Popen([sys.executable, LAUNCHER, *argv], cwd=REPO, env=worker_env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+    for p in procs:
+        try:
+            p.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    output = "\n".join(f"--- rank {rank}:\n" + (logs / f"rank{rank}.log").read_text()[-3000:] for rank in range(2))
+    return [p.returncode for p in procs], output
 
 
 def test_two_processes_equal_one_at_twice_the_batch(files, dataset, single_run):
-    """Two gloo processes with torchrun's environment (forked from this one, which
-    has ComfyUI imported already: seconds instead of a minute), batch 1 each ==
-    one process at batch 2: the same trained weights after 2 steps. The
-    command line sets up the process group, the trainer wraps its loss in DDP
-    and shards the samples; rank 0 alone writes."""
-    import multiprocessing
-
-    out = files["base"] / "forked" / "tiny_clear"
+    """Two gloo processes with torchrun's environment, batch 1 each == one
+    process at batch 2: the same trained weights after 2 steps. The command
+    line sets up the process group, the trainer wraps its loss in DDP and
+    shards the samples; rank 0 alone writes."""
+    out = files["base"] / "workers" / "tiny_clear"
     argv = ["train", "--cpu", "--model", files["model"], "--dataset", str(dataset), "--output", str(out),
             "--batch-size", "1", *TRAIN]
-    ctx = multiprocessing.get_context("fork")
-    port = _free_port()
-    workers = [ctx.Process(target=_rank, args=(rank, port, argv)) for rank in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=240)
-    assert [w.exitcode for w in workers] == [0, 0]
+    codes, output = _two_workers(argv, files["base"] / "workers_logs")
+    assert codes == [0, 0], output
     assert sorted(os.listdir(out.parent)) == ["tiny_clear.safetensors", "tiny_clear.state.pt"]
     _assert_same_weights(str(out) + ".safetensors", single_run)
 
 
-def _rank_cancelling_alone(rank, port, argv):
-    """A worker whose rank 1 alone sees ComfyUI's interrupt, after its first step."""
-    if rank == 1:
-        import comfy.model_management as mm
-
-        from comfyui_clear.nodes import distill
-
-        real_step = distill._Trainer.step
-
-        def step(self, *args, **kwargs):
-            out = real_step(self, *args, **kwargs)
-            mm.interrupt_current_processing(True)
-            return out
-
-        distill._Trainer.step = step
-    _rank(rank, port, argv)
-
-
 def test_an_interrupt_on_one_rank_stops_every_rank(files, dataset):
-    """Ctrl-C reaching one torchrun worker before the other: both stop after the
-    same step (a rank stopping alone would leave the other waiting in DDP's
+    """Ctrl-C reaching one torchrun worker before the other (here rank 1 alone
+    sees ComfyUI's interrupt after its first step): both stop after the same
+    step (a rank stopping alone would leave the other waiting in DDP's
     all-reduce) and rank 0 saves the checkpoint of that step."""
-    import multiprocessing
-
     out = files["base"] / "cancelled" / "tiny_clear"
     argv = ["train", "--cpu", "--model", files["model"], "--dataset", str(dataset), "--output", str(out),
             "--batch-size", "1", *TRAIN]
-    ctx = multiprocessing.get_context("fork")
-    port = _free_port()
-    workers = [ctx.Process(target=_rank_cancelling_alone, args=(rank, port, argv)) for rank in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=120)
-    for w in workers:
-        if w.is_alive():
-            w.kill()
-    assert [w.exitcode for w in workers] == [130, 130]
+    codes, output = _two_workers(argv, files["base"] / "cancelled_logs", CLEAR_TEST_CANCEL_RANK="1")
+    assert codes == [130, 130], output
     assert sorted(os.listdir(out.parent)) == ["tiny_clear.state.pt"]
     assert torch.load(str(out) + ".state.pt", weights_only=False)["step"] == 1
 

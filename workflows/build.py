@@ -355,7 +355,7 @@ def clear_flux_distill():
                             ("vae", "VAE", (vae, 0))],
                     outputs=[("weights", "STRING"), ("previews", "IMAGE")])
     previews = g.add("PreviewImage", [], inputs=[("images", "IMAGE", (distill, 1))],
-                     title="Previews: student | teacher | training-free")
+                     title="Student | teacher | training-free")
     note = g.note(f"""## Distil CLEAR weights for your own FLUX model
 
 Trains CLEAR attention weights for the model you load (a FLUX.1 fine-tune, FLUX.1-dev or schnell, FLUX.2 Klein or [dev]), the way the CLEAR authors distilled the published files for FLUX.1-dev. Queue it and leave it running overnight.
