@@ -644,11 +644,15 @@ def output_path(output_name):
         raise CLEARDistillError("output_name is empty: give the name of the file to write in models/clear.")
     if not name.endswith(".safetensors"):
         name += ".safetensors"
+    from .weights import FOLDER, PUBLISHED, register_model_folder
+
+    if os.path.basename(name) in PUBLISHED:
+        raise CLEARDistillError(f"output_name '{os.path.basename(name)}' is a published CLEAR file's name: training "
+                                "would overwrite the FLUX.1-dev weights there. Pick another name, e.g. "
+                                f"'{os.path.basename(name)[:-len('.safetensors')]}_mymodel'.")
     if os.path.dirname(name):
         return os.path.abspath(name)
     import folder_paths
-
-    from .weights import FOLDER, register_model_folder
 
     register_model_folder()
     return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)

@@ -376,6 +376,8 @@ def test_bad_inputs_get_one_clear_error(comfyui, tmp_path):
     refused("window_size", window_size=0)
     refused("pip install bitsandbytes", optimizer="adamw8bit")
     refused("all 0", loss_fm=0, loss_distill=0, loss_attn=0)
+    with pytest.raises(distill.CLEARDistillError, match="published CLEAR file's name"):  # never overwrite those
+        distill.distill(model, good, S(steps=1, optimizer="adamw"), str(tmp_path / "clear_local_16"))
     refused("FLUX-family", model=types.SimpleNamespace(model=types.SimpleNamespace(
         diffusion_model=torch.nn.Linear(2, 2))))
     from comfyui_clear.nodes.clear_patch import patch_model
