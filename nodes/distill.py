@@ -37,6 +37,7 @@ import time
 import torch
 import torch.utils.checkpoint
 
+from . import weights
 from .runtime import CATEGORY, ui_error
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,6 @@ def trainable_parameter_set(diffusion_model):
             key = f"diffusion_model.single_blocks.{i}.linear1"
             out.append(("single", i, proj, key, (n * hidden, (n + 1) * hidden)))
     return out
-
-
-def file_prefix(kind, index, proj):
-    """The published (diffusers) name of a projection: transformer_blocks.3.attn.to_q."""
-    block = "transformer_blocks" if kind == "double" else "single_transformer_blocks"
-    return f"{block}.{index}.attn.{_FILE_NAMES[proj]}"
 
 
 def _module(diffusion_model, key):
@@ -545,7 +540,7 @@ class DistillLoss(torch.nn.Module):
         dtype = self.weight_dtype or torch.float32
         alpha = self.settings.alpha if self.settings.alpha is not None else self.settings.rank
         for kind, i, proj, key, rows in self.items:
-            name, prefix = _name(kind, i, proj), file_prefix(kind, i, proj)
+            name, prefix = _name(kind, i, proj), weights.file_prefix(kind, i, _FILE_NAMES[proj])
             if self.mode == "full":
                 out[prefix + ".weight"] = self.full[name + "_weight"].detach().to("cpu", dtype).contiguous()
                 if name + "_bias" in self.full:
@@ -745,15 +740,8 @@ def _check_memory(loss, flux, settings, dataset):
         distill_memory.ModelShape.of(flux), mode=settings.mode, rank=settings.rank, base_bytes_per_param=base_bytes,
         optimizer=settings.optimizer, width=dataset.width, height=dataset.height, batch_size=settings.batch_size,
         text_tokens=text, down_factor=settings.down_factor)
-    distill_memory.check_fits(estimate, _available_cuda_bytes(device))
+    distill_memory.check_fits(estimate, distill_memory.available_cuda_bytes(device))
 
-
-def _available_cuda_bytes(device):
-    """What this process can have on ``device``: free memory plus what torch
-    already holds here (ComfyUI unloads its other models for the trainer), but
-    not what other programs use."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device)
 
 
 class _Trainer:

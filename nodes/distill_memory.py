@@ -403,14 +403,14 @@ def check_fits(estimate, free_bytes, margin=1.0):
         f"free. Biggest parts: {where}. To fit: {'; '.join(advice)}.")
 
 
-def free_cuda_bytes(device=None):
-    """Free bytes on a CUDA device (None off CUDA)."""
+def available_cuda_bytes(device):
+    """What this process can have on a CUDA ``device``: free memory plus what
+    torch already holds there (ComfyUI unloads its other models for the
+    trainer), but not what other programs use."""
     import torch
 
-    if not torch.cuda.is_available():
-        return None
     free, _total = torch.cuda.mem_get_info(device)
-    return free
+    return free + torch.cuda.memory_reserved(device)
 
 
 # ---------------------------------------------------------------------------
